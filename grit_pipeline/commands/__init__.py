@@ -1,0 +1,1 @@
+"""Click commands of the `grit` CLI, one module per area."""
