@@ -33,27 +33,38 @@ _HELP = {
 
 
 class LazyGroup(click.Group):
-    """A click group whose subcommands are imported on first use."""
+    """A click group whose subcommands are imported on first use.
+
+    `lazy_commands` maps a name to ("module:attribute", one-line help).
+    """
+
+    def __init__(self, *args: object, lazy_commands: dict[str, tuple[str, str]] | None = None, **kwargs: object):
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.lazy_commands = lazy_commands or {}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         """All subcommand names, sorted."""
-        return sorted(_COMMANDS)
+        return sorted(self.lazy_commands)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         """Import and return the subcommand `cmd_name`."""
-        target = _COMMANDS.get(cmd_name)
-        if target is None:
+        entry = self.lazy_commands.get(cmd_name)
+        if entry is None:
             return None
-        module_name, attr = target.split(":")
+        module_name, attr = entry[0].split(":")
         return getattr(importlib.import_module(module_name), attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """List subcommands with short help without importing them."""
         with formatter.section("Commands"):
-            formatter.write_dl([(name, _HELP[name]) for name in self.list_commands(ctx)])
+            formatter.write_dl([(name, self.lazy_commands[name][1]) for name in self.list_commands(ctx)])
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=LazyGroup,
+    lazy_commands={name: (target, _HELP[name]) for name, target in _COMMANDS.items()},
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(package_name="grit-pipeline")
 def main() -> None:
     """grit: build GRIT-style grounded image-text corpora and train Kosmos-2 on them."""
