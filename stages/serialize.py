@@ -1,0 +1,301 @@
+"""Kosmos-2 location-token serialisation of GRIT records, and the parsers that read it back (GRIT.md 5).
+
+Policies (each documented in docs/serialisation.md):
+- Quantisation is transformers' `coordinate_to_patch_index` on the box clamped to [0, 1]; a box with no
+  area after clamping is dropped (DEGENERATE_BOX). Two boxes with the same tokens on one span are kept once.
+- Spans are trimmed of surrounding whitespace; then, in caption order, the leftmost-longest span wins:
+  a span inside a kept span is dropped (CONTAINED_SPAN, the paper's containment rule) and a span that
+  overlaps a kept span without being inside it is dropped (CROSSING_SPAN).
+- Sanitisation: every '<' and '>' of the caption becomes '‹' and '›' (same length, so offsets hold), so
+  no caption text can ever form a control token; with `sanitize="drop"` a caption holding a control
+  string is dropped instead (CONTROL_TOKEN_IN_CAPTION).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from grit_pipeline.records import GRID_DEFAULT, Box, DropReason, GritRecord, GroundedSpan, Span
+
+
+class TokenFormat(str, enum.Enum):
+    """Spelling of the control tokens: `hf` (released checkpoints, transformers) or `paper`."""
+
+    HF = "hf"
+    PAPER = "paper"
+
+
+class SpanMode(str, enum.Enum):
+    """Which spans carry boxes: referring `expression`s (contained spans removed) or noun-chunk `phrase`s."""
+
+    EXPRESSION = "expression"
+    PHRASE = "phrase"
+
+
+class SanitizePolicy(str, enum.Enum):
+    """What to do with captions that contain control strings: `escape` them or `drop` the record."""
+
+    ESCAPE = "escape"
+    DROP = "drop"
+
+
+# Every control string of either spelling (plus the sequence markers), for counting and the drop policy.
+CONTROL_STRING = re.compile(
+    r"</?(?:grounding|phrase|object|image|doc|chunk|line|s|p|box|delim|loc_?\d+|patch_index_\d+)>"
+    r"|</delimiter_of_multi_objects/>"
+)
+_ESCAPE_TABLE = str.maketrans({"<": "\u2039", ">": "\u203a"})
+
+
+@dataclass(frozen=True)
+class SerializeConfig:
+    """How records become grounded text."""
+
+    format: TokenFormat = TokenFormat.HF
+    mode: SpanMode = SpanMode.EXPRESSION
+    grid: int = GRID_DEFAULT
+    sanitize: SanitizePolicy = SanitizePolicy.ESCAPE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "format", TokenFormat(self.format))
+        object.__setattr__(self, "mode", SpanMode(self.mode))
+        object.__setattr__(self, "sanitize", SanitizePolicy(self.sanitize))
+        if not 1 <= self.grid <= 100:
+            raise ValueError(f"grid must be in [1, 100] (patch indices have 4 digits), got {self.grid}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of this config."""
+        return {"format": self.format.value, "mode": self.mode.value, "grid": self.grid, "sanitize": self.sanitize.value}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SerializeConfig:
+        """The config from `to_dict` output."""
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class PatchBox:
+    """A box as two location tokens: the top-left and bottom-right cell indices (row * grid + col)."""
+
+    top_left: int
+    bottom_right: int
+
+    def decode(self, grid: int = GRID_DEFAULT) -> Box:
+        """The box these tokens stand for, exactly as transformers' `patch_index_to_coordinate`."""
+        return Box(*patch_index_to_coordinate(self.top_left, self.bottom_right, grid))
+
+
+def coordinate_to_patch_index(box: Box, grid: int = GRID_DEFAULT) -> PatchBox:
+    """Quantise a box exactly as transformers' `coordinate_to_patch_index`; raises ValueError on no area."""
+    if not (box.x2 > box.x1 and box.y2 > box.y1):
+        raise ValueError(f"degenerate box {box.as_tuple()}")
+    ul_x = math.floor(box.x1 * grid)
+    ul_y = math.floor(box.y1 * grid)
+    lr_x = math.ceil(box.x2 * grid - 1)
+    lr_y = math.ceil(box.y2 * grid - 1)
+    return PatchBox(ul_y * grid + ul_x, lr_y * grid + lr_x)
+
+
+def patch_index_to_coordinate(ul_idx: int, lr_idx: int, grid: int = GRID_DEFAULT) -> tuple[float, float, float, float]:
+    """Cell centres of the two corners, or cell edges when they share a row or a column (as transformers)."""
+    cell = 1.0 / grid
+    ul_x, ul_y = ul_idx % grid, ul_idx // grid
+    lr_x, lr_y = lr_idx % grid, lr_idx // grid
+    if ul_idx == lr_idx or ul_x == lr_x or ul_y == lr_y:
+        return (ul_x * cell, ul_y * cell, lr_x * cell + cell, lr_y * cell + cell)
+    return (ul_x * cell + cell / 2, ul_y * cell + cell / 2, lr_x * cell + cell / 2, lr_y * cell + cell / 2)
+
+
+def quantize_box(box: Box, grid: int = GRID_DEFAULT) -> PatchBox | None:
+    """The location tokens of a box clamped to [0, 1], or None when it has no area (dropped)."""
+    if not box.is_finite():
+        return None
+    clamped = box.clamped()
+    if clamped.is_degenerate():
+        return None
+    return coordinate_to_patch_index(clamped, grid)
+
+
+def sanitize_caption(caption: str) -> str:
+    """The caption with '<' and '>' replaced by '‹' and '›': same length, no control token possible."""
+    return caption.translate(_ESCAPE_TABLE)
+
+
+def count_control_strings(caption: str) -> int:
+    """How many control strings (either spelling) the caption contains literally."""
+    return sum(1 for _ in CONTROL_STRING.finditer(caption))
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    """A serialised span with its location tokens, in caption order."""
+
+    span: Span
+    boxes: tuple[PatchBox, ...]
+
+
+@dataclass(slots=True)
+class Serialized:
+    """Grounded text for one record (None when the record was dropped) and what was dropped on the way."""
+
+    text: str | None
+    entities: list[Entity] = field(default_factory=list)
+    dropped: Counter[DropReason] = field(default_factory=Counter)
+    drop_reason: DropReason | None = None
+    escaped_control_strings: int = 0
+
+
+def _trim(span: Span, caption: str) -> Span:
+    text = caption[span.start : span.end]
+    lead = len(text) - len(text.lstrip())
+    trail = len(text) - len(text.rstrip())
+    if lead == len(text):
+        return Span(span.start, span.start)
+    return Span(span.start + lead, span.end - trail)
+
+
+def group_entries(entries: list[GroundedSpan], caption: str, grid: int, dropped: Counter[DropReason]) -> dict[Span, list[PatchBox]]:
+    """Spans (trimmed) mapped to their distinct location tokens, in first-appearance order."""
+    groups: dict[Span, list[PatchBox]] = {}
+    n = len(caption)
+    for entry in entries:
+        if entry.span.end > n:
+            dropped[DropReason.SPAN_OUT_OF_CAPTION] += 1
+            continue
+        span = _trim(entry.span, caption)
+        if span.start == span.end:
+            dropped[DropReason.EMPTY_SPAN] += 1
+            continue
+        tokens = quantize_box(entry.box, grid)
+        if tokens is None:
+            dropped[DropReason.DEGENERATE_BOX] += 1
+            continue
+        boxes = groups.setdefault(span, [])
+        if tokens in boxes:
+            dropped[DropReason.DUPLICATE_BOX_TOKENS] += 1
+        else:
+            boxes.append(tokens)
+    return groups
+
+
+def select_spans(spans: list[Span], dropped: Counter[DropReason]) -> list[Span]:
+    """Leftmost-longest non-overlapping spans in caption order; contained and crossing spans counted."""
+    kept: list[Span] = []
+    for span in sorted(spans, key=lambda s: (s.start, -s.end)):
+        if kept and kept[-1].end > span.start:
+            reason = DropReason.CONTAINED_SPAN if kept[-1].contains(span) else DropReason.CROSSING_SPAN
+            dropped[reason] += 1
+            continue
+        kept.append(span)
+    return kept
+
+
+def _hf_object(boxes: tuple[PatchBox, ...]) -> str:
+    pairs = "</delimiter_of_multi_objects/>".join(
+        f"<patch_index_{b.top_left:04d}><patch_index_{b.bottom_right:04d}>" for b in boxes
+    )
+    return f"<object>{pairs}</object>"
+
+
+def _paper_object(boxes: tuple[PatchBox, ...]) -> str:
+    return "<box>" + "<delim>".join(f"<loc{b.top_left}><loc{b.bottom_right}>" for b in boxes) + "</box>"
+
+
+def render(caption: str, entities: list[Entity], token_format: TokenFormat) -> str:
+    """The grounded text: `<grounding>` then the caption with each entity's span tagged and boxed.
+
+    hf: a space before a span moves inside `<phrase>` (`of<phrase> a snowman</phrase>`), as the released
+    model writes it; paper: `<p> span </p><box><locA><locB></box>` as in the paper's example.
+    """
+    body = " " + caption
+    parts = ["<grounding>"]
+    pos = 0
+    for entity in entities:
+        start, end = entity.span.start + 1, entity.span.end + 1
+        text = body[start:end]
+        if token_format is TokenFormat.HF:
+            if start - 1 >= pos and body[start - 1] == " ":
+                parts.append(body[pos : start - 1])
+                parts.append(f"<phrase> {text}</phrase>{_hf_object(entity.boxes)}")
+            else:
+                parts.append(body[pos:start])
+                parts.append(f"<phrase>{text}</phrase>{_hf_object(entity.boxes)}")
+        else:
+            parts.append(body[pos:start])
+            parts.append(f"<p> {text} </p>{_paper_object(entity.boxes)}")
+        pos = end
+    parts.append(body[pos:])
+    return "".join(parts)
+
+
+def serialize_record(record: GritRecord, config: SerializeConfig | None = None) -> Serialized:
+    """Grounded text for a record in the configured spelling and span mode."""
+    config = config or SerializeConfig()
+    dropped: Counter[DropReason] = Counter()
+    caption = record.caption
+    control_strings = count_control_strings(caption) if "<" in caption else 0
+    if control_strings and config.sanitize is SanitizePolicy.DROP:
+        return Serialized(None, dropped=dropped, drop_reason=DropReason.CONTROL_TOKEN_IN_CAPTION)
+    if "<" in caption or ">" in caption:
+        caption = sanitize_caption(caption)
+    use_expressions = config.mode is SpanMode.EXPRESSION and record.ref_exps
+    entries = record.ref_exps if use_expressions else record.noun_chunks
+    groups = group_entries(entries, caption, config.grid, dropped)
+    spans = select_spans(list(groups), dropped)
+    entities = [Entity(span, tuple(groups[span])) for span in spans]
+    if not entities:
+        return Serialized(None, dropped=dropped, drop_reason=DropReason.NO_SPAN_SERIALISED,
+                          escaped_control_strings=control_strings)
+    text = render(caption, entities, config.format)
+    return Serialized(text, entities, dropped, None, control_strings)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedEntity:
+    """An entity read back from grounded text: its span in the cleaned text and its decoded boxes."""
+
+    span: Span
+    text: str
+    boxes: tuple[Box, ...]
+
+
+_PAPER_ENTITY = re.compile(r"<p> (.*?) </p><box>((?:<loc\d+><loc\d+>)(?:<delim><loc\d+><loc\d+>)*)</box>", re.S)
+_PAPER_LOC_PAIR = re.compile(r"<loc(\d+)><loc(\d+)>")
+
+
+def parse_grounded_text(text: str, token_format: TokenFormat | str = TokenFormat.HF,
+                        grid: int = GRID_DEFAULT) -> tuple[str, list[ParsedEntity]]:
+    """Clean text and entities of grounded text; hf goes through transformers' own Kosmos-2 parser."""
+    if TokenFormat(token_format) is TokenFormat.HF:
+        from transformers.models.kosmos2.processing_kosmos2 import clean_text_and_extract_entities_with_bboxes
+
+        clean, entities = clean_text_and_extract_entities_with_bboxes(text, num_patches_per_side=grid)
+        return clean, [ParsedEntity(Span(s, e), name, tuple(Box(*b) for b in boxes)) for name, (s, e), boxes in entities]
+    return _parse_paper(text, grid)
+
+
+def _parse_paper(text: str, grid: int) -> tuple[str, list[ParsedEntity]]:
+    body = text.removeprefix("<grounding>")
+    out: list[str] = []
+    length = 0
+    entities: list[ParsedEntity] = []
+    pos = 0
+    for match in _PAPER_ENTITY.finditer(body):
+        out.append(body[pos : match.start()])
+        length += match.start() - pos
+        name = match.group(1)
+        boxes = tuple(PatchBox(int(a), int(b)).decode(grid) for a, b in _PAPER_LOC_PAIR.findall(match.group(2)))
+        entities.append(ParsedEntity(Span(length, length + len(name)), name, boxes))
+        out.append(name)
+        length += len(name)
+        pos = match.end()
+    out.append(body[pos:])
+    clean = "".join(out)
+    lead = len(clean) - len(clean.lstrip())
+    shifted = [ParsedEntity(Span(e.span.start - lead, e.span.end - lead), e.text, e.boxes) for e in entities]
+    return clean.strip(), shifted
