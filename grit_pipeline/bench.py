@@ -1,0 +1,112 @@
+"""Benchmarks of the text stages and the serialiser: each stage against the limit for that stage."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from grit_pipeline.records import Box, GritRecord, GroundedSpan, Span
+from grit_pipeline.samples import cycle_to, load_caption_sample
+
+
+def pin_to_one_core() -> int | None:
+    """Pin this process to one CPU (Linux), so figures are per core; returns the core or None."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    return core
+
+
+def best_rate(run: Callable[[], Any], items: int, repeats: int) -> float:
+    """Items per second of the fastest of `repeats` runs."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return items / best
+
+
+def bench_text_stage(n: int, batch_size: int, naive_n: int, repeats: int) -> dict[str, Any]:
+    """PhraseExtractor vs raw `nlp.pipe` (same pipeline object, same captions) and the naive loop."""
+    from grit_pipeline.stages.text import PhraseExtractor, TextConfig
+
+    core = pin_to_one_core()
+    captions = cycle_to(load_caption_sample(), n)
+    extractor = PhraseExtractor(TextConfig(batch_size=batch_size))
+    nlp = extractor.nlp
+    extractor(captions[:200])  # warm-up: first batches allocate
+
+    def raw() -> None:
+        for _ in nlp.pipe(captions, batch_size=batch_size):
+            pass
+
+    def stage() -> None:
+        extractor(captions)
+
+    rates: dict[str, float] = {"stage": 0.0, "raw": 0.0}
+    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
+        rates["raw"] = max(rates["raw"], best_rate(raw, n, 1))
+        rates["stage"] = max(rates["stage"], best_rate(stage, n, 1))
+    naive_captions = captions[:naive_n]
+    naive = best_rate(lambda: [nlp(c) for c in naive_captions], len(naive_captions), 1)
+    return {
+        "bench": "text",
+        "n": n,
+        "batch_size": batch_size,
+        "pinned_core": core,
+        "spacy_components": list(nlp.pipe_names),
+        "items_per_s": round(rates["stage"], 1),
+        "baseline_items_per_s": round(rates["raw"], 1),
+        "ratio": round(rates["stage"] / rates["raw"], 3),
+        "naive_nlp_loop_items_per_s": round(naive, 1),
+        "target_ratio": 0.90,
+    }
+
+
+def synthetic_records(n: int, seed: int = 0) -> list[GritRecord]:
+    """GRIT-20M-like records over the bundled captions: 1-6 word-aligned chunks with expansions and boxes."""
+    rng = random.Random(seed)
+    captions = cycle_to(load_caption_sample(), n)
+    records = []
+    for index, caption in enumerate(captions):
+        words = [i for i, ch in enumerate(caption) if ch != " " and (i == 0 or caption[i - 1] == " ")]
+        chunks, exps = [], []
+        for start in sorted(rng.sample(words, min(len(words), rng.randint(1, 6)))):
+            end = caption.find(" ", start)
+            end = len(caption) if end < 0 else end
+            exp_end = caption.find(" ", min(len(caption), end + rng.randint(0, 20)))
+            exp_end = len(caption) if exp_end < 0 else exp_end
+            for _ in range(rng.choice((1, 1, 1, 2))):
+                x1, y1 = rng.random() * 0.8, rng.random() * 0.8
+                box = Box(x1, y1, min(1.0, x1 + rng.random() * 0.5 + 0.01), min(1.0, y1 + rng.random() * 0.5 + 0.01))
+                score = 0.65 + rng.random() * 0.35
+                chunks.append(GroundedSpan(Span(start, end), box, score))
+                exps.append(GroundedSpan(Span(start, exp_end), box, score))
+        records.append(GritRecord(key=f"{index:09d}", caption=caption, noun_chunks=chunks, ref_exps=exps))
+    return records
+
+
+def bench_serializer(n: int, token_format: str, mode: str, repeats: int) -> dict[str, Any]:
+    """Records per second through `serialize_record` on one core."""
+    from grit_pipeline.stages.serialize import SerializeConfig, serialize_record
+
+    core = pin_to_one_core()
+    records = synthetic_records(n)
+    config = SerializeConfig(format=token_format, mode=mode)
+    entries = sum(len(r.noun_chunks) for r in records)
+    rate = best_rate(lambda: [serialize_record(r, config) for r in records], n, repeats)
+    return {
+        "bench": "serialize",
+        "n": n,
+        "entries_per_record": round(entries / n, 2),
+        "format": token_format,
+        "mode": mode,
+        "pinned_core": core,
+        "records_per_s": round(rate, 1),
+        "target_records_per_s": 50_000,
+    }
