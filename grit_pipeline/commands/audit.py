@@ -1,0 +1,55 @@
+"""`grit audit OUT` and `grit inspect OUT`: check a build, and look at it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for machines).")
+@click.option("--no-decode", is_flag=True, help="Skip decoding every image (faster; other checks still run).")
+@click.option("--limit", default=200, show_default=True, help="Findings listed in the text report.")
+def audit(out: Path, as_json: bool, no_decode: bool, limit: int) -> None:
+    """Check every shard of OUT against its manifest and every sample against the invariants.
+
+    Exits 0 when nothing is found, 1 when any check fails.
+    """
+    from grit_pipeline.manifests.audit import audit_build
+
+    report = audit_build(out, decode_images=not no_decode)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(report.format_text(limit=limit))
+    sys.exit(0 if report.ok else 1)
+
+
+@click.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--n", "count", default=50, show_default=True, help="Samples shown in the gallery.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the HTML gallery here.")
+@click.option("--png", "png_key", help="Render the sample with this key, boxes and labels, to KEY.png.")
+@click.option("--png-out", type=click.Path(dir_okay=False, path_type=Path), help="Where --png writes (default KEY.png).")
+def inspect(out: Path, count: int, html_path: Path | None, png_key: str | None, png_out: Path | None) -> None:
+    """A static HTML gallery of OUT (images, boxes, highlighted spans, shard stats, drop reasons).
+
+    Without --html and --png, writes OUT/report.html.
+    """
+    from grit_pipeline.manifests.gallery import GalleryError, render_sample_png, write_gallery
+
+    try:
+        if png_key is not None:
+            target = png_out or Path(f"{png_key}.png")
+            render_sample_png(out, png_key, target)
+            click.echo(f"wrote {target}")
+        if html_path is not None or png_key is None:
+            target = html_path or out / "report.html"
+            shown = write_gallery(out, target, count=count)
+            click.echo(f"wrote {target} ({shown} samples)")
+    except GalleryError as exc:
+        raise click.ClickException(str(exc)) from exc
