@@ -69,3 +69,143 @@ class Grounder(Protocol):
     def describe(self) -> dict[str, Any]:
         """Provenance for the manifest: grounder kind, model id, revision or weights hash, thresholds."""
         ...
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared filtering logic (pure Python/numpy, no model): what every grounder applies to its raw boxes.
+# ---------------------------------------------------------------------------------------------------------
+
+BOX_THRESHOLD_DEFAULT = 0.65
+"""GRIT keeps chunk-box pairs with score strictly above 0.65 (paper, section 2)."""
+
+NMS_IOU_DEFAULT = 0.6
+"""Class-agnostic NMS IoU threshold for detector boxes; the GRIT value is unpublished.
+
+0.6 is the NMS threshold of GLIP's own post-processing (`MODEL.ATSS.NMS_TH = 0.6` in GLIP/maskrcnn-benchmark),
+the detector GRIT was built with. It removes the duplicate boxes that different chunks of one caption get
+for the same object ("a man" / "the groom"), while nested objects ("a shirt" inside "a man", IoU usually
+well under 0.6) and neighbouring instances keep their boxes.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class BoxFilter:
+    """The paper's filter: keep boxes with score > `box_threshold`, then class-agnostic NMS (None = off)."""
+
+    box_threshold: float = BOX_THRESHOLD_DEFAULT
+    nms_iou: float | None = NMS_IOU_DEFAULT
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.box_threshold < 1.0:
+            raise ValueError(f"box_threshold must be in [0, 1), got {self.box_threshold}")
+        if self.nms_iou is not None and not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"nms_iou must be in (0, 1] or None, got {self.nms_iou}")
+
+
+@dataclass(frozen=True, slots=True)
+class PhraseBox:
+    """A candidate box for one prompt phrase (an index into the grounder's own phrase list), with its score."""
+
+    phrase: int
+    box: Box
+    score: float
+
+
+def nms(candidates: Sequence[PhraseBox], iou_threshold: float) -> list[PhraseBox]:
+    """Greedy class-agnostic NMS: highest score first; a box overlapping a kept one above the IoU is removed.
+
+    Ties in score keep the earlier candidate, so the result is deterministic.
+    """
+    order = sorted(range(len(candidates)), key=lambda i: (-candidates[i].score, i))
+    kept: list[PhraseBox] = []
+    for index in order:
+        candidate = candidates[index]
+        if all(candidate.box.iou(other.box) <= iou_threshold for other in kept):
+            kept.append(candidate)
+    return kept
+
+
+def filter_candidates(
+    candidates: Sequence[PhraseBox], box_filter: BoxFilter, dropped: Counter[DropReason] | None = None
+) -> list[PhraseBox]:
+    """Threshold then class-agnostic NMS over all boxes of one image, highest score first.
+
+    Thresholding first gives the same survivors as NMS first (a box under the threshold can never suppress
+    a higher-scored one in greedy NMS) and keeps NMS cheap. Degenerate boxes are counted and removed.
+    """
+    usable: list[PhraseBox] = []
+    for candidate in candidates:
+        box = candidate.box.clamped() if candidate.box.is_finite() else candidate.box
+        if box.is_degenerate():
+            if dropped is not None:
+                dropped[DropReason.DEGENERATE_BOX] += 1
+            continue
+        if candidate.score > box_filter.box_threshold:
+            usable.append(PhraseBox(candidate.phrase, box, candidate.score))
+    if box_filter.nms_iou is None:
+        return sorted(usable, key=lambda c: -c.score)
+    return nms(usable, box_filter.nms_iou)
+
+
+def result_from_candidates(
+    candidates: Sequence[PhraseBox],
+    phrase_targets: Sequence[Sequence[int]],
+    box_filter: BoxFilter,
+    dropped: Counter[DropReason] | None = None,
+) -> GroundingResult:
+    """Filter one image's candidates and hand the survivors to the request's phrases.
+
+    `phrase_targets[p]` lists the request phrase indices that prompt phrase `p` stands for (several when one
+    chunk text repeats in the caption: each occurrence gets the boxes). The pair is dropped with
+    NO_BOX_ABOVE_THRESHOLD when no phrase keeps a box.
+    """
+    counts: Counter[DropReason] = Counter() if dropped is None else dropped
+    num_phrases = 1 + max((t for targets in phrase_targets for t in targets), default=-1)
+    boxes: list[list[ScoredBox]] = [[] for _ in range(num_phrases)]
+    for kept in filter_candidates(candidates, box_filter, counts):
+        for target in phrase_targets[kept.phrase]:
+            boxes[target].append(ScoredBox(kept.box, kept.score))
+    result = GroundingResult(boxes=boxes, dropped=counts)
+    if not any(boxes):
+        result.drop_reason = DropReason.NO_BOX_ABOVE_THRESHOLD
+        counts[DropReason.NO_BOX_ABOVE_THRESHOLD] += 1
+    return result
+
+
+def phrase_scores(token_probs: Any, phrase_tokens: Sequence[Sequence[int]]) -> Any:
+    """Per query and phrase, the maximum token probability over the phrase's tokens.
+
+    `token_probs` is a (queries, text_tokens) array of sigmoid scores; the result is (queries, phrases),
+    with 0 for a phrase that has no token (it can never win).
+    """
+    import numpy as np
+
+    probs = np.asarray(token_probs, dtype=np.float32)
+    scores = np.zeros((probs.shape[0], len(phrase_tokens)), dtype=np.float32)
+    for column, tokens in enumerate(phrase_tokens):
+        if len(tokens):
+            scores[:, column] = probs[:, list(tokens)].max(axis=1)
+    return scores
+
+
+def assign_boxes(
+    token_probs: Any, boxes: Sequence[Box], phrase_tokens: Sequence[Sequence[int]], phrase_ids: Sequence[int]
+) -> list[PhraseBox]:
+    """Each predicted box goes to the phrase with the highest score (max sigmoid over its tokens).
+
+    `phrase_ids[j]` names the phrase whose tokens are `phrase_tokens[j]` (prompt phrases of one text pass);
+    ties go to the earlier phrase. Decoded text labels are never used.
+    """
+    if not phrase_tokens:
+        return []
+    scores = phrase_scores(token_probs, phrase_tokens)
+    best = scores.argmax(axis=1)
+    return [
+        PhraseBox(phrase_ids[int(column)], box, float(scores[query, column]))
+        for query, (box, column) in enumerate(zip(boxes, best, strict=True))
+    ]
+
+
+def ungroundable_result(num_phrases: int, reason: DropReason) -> GroundingResult:
+    """A result with no box for any phrase, dropped for `reason` (missing image, no phrases, ...)."""
+    return GroundingResult(boxes=[[] for _ in range(num_phrases)], drop_reason=reason, dropped=Counter({reason: 1}))
