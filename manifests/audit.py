@@ -267,7 +267,7 @@ def audit_shard(
     findings = _check_shard_file(path, expectation)
     samples = 0
     try:
-        for key, files, member_findings in _iter_samples(path):
+        for key, files, member_findings in iter_tar_samples(path):
             findings += member_findings
             samples += 1
             findings += _check_key(name, key, seen_keys)
@@ -313,8 +313,8 @@ def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes], list[Finding]]]:
-    """(key, {extension: bytes}, member-name findings) per sample, grouping consecutive members by key."""
+def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes], list[Finding]]]:
+    """(key, {extension: bytes}, member-name findings) per sample of a shard, grouping consecutive members by key."""
     key: str | None = None
     files: dict[str, bytes] = {}
     problems: list[Finding] = []

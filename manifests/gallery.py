@@ -1,0 +1,456 @@
+"""`grit inspect`: a static, self-contained HTML gallery of a build, and a PNG of one sample.
+
+The page needs no server and no network: thumbnails are inlined as base64 JPEG inside SVG figures whose
+rectangles are the boxes; each box's span is highlighted in the caption in the box's colour. Below the
+gallery: the build totals, a per-shard table and an inline-SVG bar chart of drop reasons.
+
+What is drawn is what a trainer gets: the spans kept by the serialiser (expression mode, contained spans
+removed) with the .json's own boxes for them (not the quantised ones).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grit_pipeline.manifests.audit import audit_options, iter_tar_samples, shard_expectations
+from grit_pipeline.records import Box, GritRecord, MalformedRecordError, Span
+from grit_pipeline.stages.serialize import SerializeConfig, serialize_record
+
+# Ten distinct colours (matplotlib's tab10), readable on photos and on white.
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+THUMBNAIL_SIDE = 320
+
+
+class GalleryError(RuntimeError):
+    """The build cannot be shown: no manifest, or no sample with the requested key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShownEntity:
+    """A kept caption span and the .json boxes (with scores) bound to it."""
+
+    span: Span
+    boxes: tuple[tuple[Box, float], ...]
+    colour: str
+
+
+@dataclass(frozen=True, slots=True)
+class ShownSample:
+    """One sample as the gallery shows it."""
+
+    shard: str
+    key: str
+    record: GritRecord
+    grounded_text: str
+    image_bytes: bytes
+    entities: tuple[ShownEntity, ...]
+
+
+def kept_entities(record: GritRecord, config: SerializeConfig) -> tuple[ShownEntity, ...]:
+    """The spans the serialiser keeps, each with the record's boxes on that span, coloured in order."""
+    serialized = serialize_record(record, config)
+    use_expressions = config.mode.value == "expression" and record.ref_exps
+    entries = record.ref_exps if use_expressions else record.noun_chunks
+    shown = []
+    for index, entity in enumerate(serialized.entities):
+        boxes = tuple(
+            (e.box.clamped(), e.score) for e in entries if _trimmed(e.span, record.caption) == entity.span
+        )
+        shown.append(ShownEntity(entity.span, boxes, PALETTE[index % len(PALETTE)]))
+    return tuple(shown)
+
+
+def _trimmed(span: Span, caption: str) -> Span:
+    """The span without surrounding whitespace (how the serialiser keys spans)."""
+    text = span.text(caption)
+    lead = len(text) - len(text.lstrip())
+    return Span(span.start + lead, span.start + lead + len(text.strip()))
+
+
+def iter_samples(out_dir: Path) -> Iterator[ShownSample]:
+    """Every readable sample of the build, in shard order; unreadable ones are skipped (the audit reports them)."""
+    manifest = read_manifest(out_dir)
+    config = audit_options(manifest).serialize
+    for name in sorted(shard_expectations(manifest)):
+        path = out_dir / "shards" / name
+        if not path.is_file():
+            continue
+        for key, files, _ in iter_tar_samples(path):
+            sample = _shown_sample(name, key, files, config)
+            if sample is not None:
+                yield sample
+
+
+def _shown_sample(
+    shard: str, key: str, files: Mapping[str, bytes], config: SerializeConfig
+) -> ShownSample | None:
+    """The sample, or None when its .json or image is missing or malformed."""
+    if "json" not in files or "jpg" not in files:
+        return None
+    try:
+        record = GritRecord.from_row(json.loads(files["json"]))
+    except (ValueError, MalformedRecordError):
+        return None
+    text = files.get("txt", b"").decode("utf-8", errors="replace")
+    return ShownSample(shard, key, record, text, files["jpg"], kept_entities(record, config))
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    """The build's manifest.json, or GalleryError."""
+    try:
+        data = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GalleryError(f"{out_dir} has no readable manifest.json: {exc}") from exc
+    if not isinstance(data, dict):
+        raise GalleryError(f"{out_dir}/manifest.json is not a JSON object")
+    return data
+
+
+def write_gallery(out_dir: str | Path, html_path: str | Path, count: int = 50) -> int:
+    """Write the self-contained HTML gallery of the first `count` samples; returns how many are shown."""
+    from grit_pipeline.io import write_bytes_atomic
+
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    samples = []
+    for sample in iter_samples(out):
+        if len(samples) >= count:
+            break
+        samples.append(sample)
+    shard_rows = shard_table_rows(out, manifest)
+    page = render_page(out.name or str(out), manifest, samples, shard_rows, drop_reason_counts(out, manifest))
+    write_bytes_atomic(html_path, page.encode("utf-8"))
+    return len(samples)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRow:
+    """One line of the per-shard table."""
+
+    name: str
+    status: str
+    inputs: int | None
+    kept: int | None
+    bytes: int | None
+    sha256: str | None
+
+
+def shard_table_rows(out: Path, manifest: Mapping[str, Any]) -> list[ShardRow]:
+    """Per shard: status, input and kept counts (from the shard's parquet), size and sha256."""
+    rows = []
+    for name, expectation in sorted(shard_expectations(manifest).items()):
+        statuses = _parquet_statuses(out / "shards" / name.replace(".tar", ".parquet"))
+        inputs = sum(statuses.values()) if statuses is not None else None
+        kept = statuses.get("kept", 0) if statuses is not None else expectation.samples
+        status = (
+            "failed"
+            if expectation.failed
+            else ("complete" if (out / "shards" / name).is_file() else "missing")
+        )
+        rows.append(ShardRow(name, status, inputs, kept, expectation.bytes, expectation.sha256))
+    return rows
+
+
+def _parquet_statuses(path: Path) -> Counter[str] | None:
+    """Counts of the `status` column of a shard's metadata parquet, or None when it cannot be read."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["status"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return Counter(str(v) for v in table.column("status").to_pylist())
+
+
+def drop_reason_counts(out: Path, manifest: Mapping[str, Any]) -> Counter[str]:
+    """Why input samples were dropped, summed over shards (from the parquets' drop_reason column)."""
+    import pyarrow.parquet as pq
+
+    counts: Counter[str] = Counter()
+    for name in shard_expectations(manifest):
+        try:
+            table = pq.read_table(out / "shards" / name.replace(".tar", ".parquet"), columns=["drop_reason"])
+        except (OSError, ValueError, KeyError):
+            continue
+        counts.update(str(v) for v in table.column("drop_reason").to_pylist() if v)
+    return counts
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px; background: #fafafa; color: #222; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; }
+.grid { display: flex; flex-wrap: wrap; gap: 16px; }
+.card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; width: 340px; }
+.card svg { width: 100%; height: auto; display: block; background: #eee; }
+.caption { margin: 8px 0 4px; line-height: 1.5; }
+.caption mark { color: #000; padding: 1px 2px; border-radius: 3px; }
+.meta { font-size: 12px; color: #666; }
+details pre { white-space: pre-wrap; word-break: break-all; font-size: 11px; }
+table { border-collapse: collapse; background: #fff; }
+td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: right; font-size: 13px; }
+th { background: #eef; } td:first-child { text-align: left; }
+"""
+
+
+def render_page(
+    title: str,
+    manifest: Mapping[str, Any],
+    samples: Sequence[ShownSample],
+    shard_rows: Sequence[ShardRow],
+    drops: Counter[str],
+) -> str:
+    """The whole HTML document."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>grit inspect: {html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>grit build: {html.escape(title)}</h1>",
+        _totals_html(manifest),
+        f"<h2>Samples (first {len(samples)})</h2>",
+        '<div class="grid">',
+        *(_card_html(sample) for sample in samples),
+        "</div>",
+        "<h2>Shards</h2>",
+        _shard_table_html(shard_rows),
+        "<h2>Drop reasons</h2>",
+        drop_chart_svg(drops),
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def _totals_html(manifest: Mapping[str, Any]) -> str:
+    """The manifest's totals (and timings) as a small key-value table."""
+    rows = []
+    for section in ("totals", "timings"):
+        values = manifest.get(section)
+        if isinstance(values, Mapping):
+            rows += [(f"{section}.{k}", v) for k, v in values.items() if isinstance(v, (int, float, str))]
+    if not rows:
+        return ""
+    cells = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows)
+    return f"<table>{cells}</table>"
+
+
+def _fmt(value: object) -> str:
+    """A table cell: floats with 3 significant decimals, the rest as is."""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _card_html(sample: ShownSample) -> str:
+    """One sample: the thumbnail with its boxes, the caption with highlighted spans, the grounded text."""
+    record = sample.record
+    return (
+        '<div class="card">'
+        f"{_figure_svg(sample)}"
+        f'<div class="caption">{highlight_caption(record.caption, sample.entities)}</div>'
+        f'<div class="meta">{html.escape(sample.shard)} / {html.escape(sample.key)}'
+        f"{' · ' + html.escape(record.url) if record.url else ''}</div>"
+        f"<details><summary>grounded text</summary><pre>{html.escape(sample.grounded_text)}</pre></details>"
+        "</div>"
+    )
+
+
+def _figure_svg(sample: ShownSample) -> str:
+    """An inline SVG: the base64 thumbnail with one rectangle (and its number) per box."""
+    thumbnail, width, height = _thumbnail(sample.image_bytes)
+    shapes = [
+        f'<image href="data:image/jpeg;base64,{thumbnail}" x="0" y="0" width="{width}" height="{height}"/>'
+    ]
+    for number, entity in enumerate(sample.entities, start=1):
+        label = html.escape(entity.span.text(sample.record.caption))
+        for box, score in entity.boxes:
+            x1, y1, x2, y2 = box.to_pixels(width, height)
+            shapes.append(
+                f'<rect x="{x1:.1f}" y="{y1:.1f}" width="{x2 - x1:.1f}" height="{y2 - y1:.1f}" fill="none" '
+                f'stroke="{entity.colour}" stroke-width="3"><title>{label} ({score:.2f})</title></rect>'
+                f'<rect x="{x1:.1f}" y="{y1:.1f}" width="16" height="16" fill="{entity.colour}"/>'
+                f'<text x="{x1 + 4:.1f}" y="{y1 + 12:.1f}" font-size="12" fill="#fff">{number}</text>'
+            )
+    return f'<svg viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">{"".join(shapes)}</svg>'
+
+
+def _thumbnail(data: bytes) -> tuple[str, int, int]:
+    """Base64 JPEG of the image scaled to fit THUMBNAIL_SIDE, with its width and height."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        return base64.b64encode(buffer.getvalue()).decode("ascii"), image.width, image.height
+
+
+def highlight_caption(caption: str, entities: Sequence[ShownEntity]) -> str:
+    """The HTML-escaped caption with each entity's span in a <mark> of its colour, numbered like its boxes."""
+    parts, position = [], 0
+    for number, entity in enumerate(sorted(entities, key=lambda e: e.span.start), start=1):
+        start, end = entity.span.start, entity.span.end
+        parts.append(html.escape(caption[position:start]))
+        parts.append(
+            f'<mark style="background:{entity.colour}55;border-bottom:3px solid {entity.colour}">'
+            f"{html.escape(caption[start:end])}<sup>{number}</sup></mark>"
+        )
+        position = end
+    parts.append(html.escape(caption[position:]))
+    return "".join(parts)
+
+
+def _shard_table_html(rows: Sequence[ShardRow]) -> str:
+    """The per-shard table."""
+    header = "<tr><th>shard</th><th>status</th><th>inputs</th><th>kept</th><th>kept %</th><th>MB</th><th>sha256</th></tr>"
+    lines = [header]
+    for row in rows:
+        ratio = f"{100 * row.kept / row.inputs:.1f}" if row.inputs and row.kept is not None else ""
+        size = f"{row.bytes / 1e6:.2f}" if row.bytes is not None else ""
+        lines.append(
+            f"<tr><td>{html.escape(row.name)}</td><td>{row.status}</td><td>{_blank(row.inputs)}</td>"
+            f"<td>{_blank(row.kept)}</td><td>{ratio}</td><td>{size}</td><td><code>{(row.sha256 or '')[:12]}</code></td></tr>"
+        )
+    return "<table>" + "".join(lines) + "</table>"
+
+
+def _blank(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def drop_chart_svg(counts: Counter[str], bar_width: int = 360) -> str:
+    """A horizontal bar chart of drop reasons as inline SVG (no scripts, no network)."""
+    if not counts:
+        return "<p>No sample was dropped.</p>"
+    items = counts.most_common()
+    top = items[0][1]
+    row_height, label_width = 22, 220
+    height = row_height * len(items) + 8
+    bars = []
+    for index, (reason, count) in enumerate(items):
+        y = 4 + index * row_height
+        length = max(2.0, bar_width * count / top)
+        colour = PALETTE[index % len(PALETTE)]
+        bars.append(
+            f'<text x="{label_width - 6}" y="{y + 15}" font-size="13" text-anchor="end">{html.escape(reason)}</text>'
+            f'<rect x="{label_width}" y="{y + 2}" width="{length:.1f}" height="{row_height - 6}" fill="{colour}"/>'
+            f'<text x="{label_width + length + 6:.1f}" y="{y + 15}" font-size="13">{count}</text>'
+        )
+    width = label_width + bar_width + 80
+    return (
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg" '
+        f'role="img" aria-label="drop reasons">{"".join(bars)}</svg>'
+    )
+
+
+def find_sample(out_dir: str | Path, key: str) -> ShownSample:
+    """The sample with this key (searching every shard of the manifest), or GalleryError."""
+    for sample in iter_samples(Path(out_dir)):
+        if sample.key == key:
+            return sample
+    raise GalleryError(f"no readable sample with key {key!r} in {out_dir}")
+
+
+def render_sample_png(out_dir: str | Path, key: str, target: str | Path, side: int = 640) -> Path:
+    """Draw one sample's image with its boxes and numbered span labels, and its caption below, as a PNG."""
+    from PIL import Image, ImageDraw
+
+    from grit_pipeline.io import atomic_path
+
+    sample = find_sample(out_dir, key)
+    with Image.open(io.BytesIO(sample.image_bytes)) as source:
+        scale = side / max(source.size)
+        image = source.convert("RGB").resize((round(source.width * scale), round(source.height * scale)))
+    caption_lines = _wrap_caption(
+        sample.record.caption, sample.entities, width_chars=max(20, image.width // 9)
+    )
+    canvas = Image.new("RGB", (image.width, image.height + 22 * len(caption_lines) + 16), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(15)
+    for number, entity in enumerate(sample.entities, start=1):
+        label = f"{number} {entity.span.text(sample.record.caption)}"
+        for box, _score in entity.boxes:
+            x1, y1, x2, y2 = box.to_pixels(image.width, image.height)
+            draw.rectangle((x1, y1, x2, y2), outline=entity.colour, width=3)
+            left, top, right, bottom = draw.textbbox((x1 + 4, y1 + 2), label, font=font)
+            draw.rectangle((x1, y1, right + 4, bottom + 2), fill=entity.colour)
+            draw.text((x1 + 4, y1 + 2), label, fill="white", font=font)
+    _draw_caption(draw, caption_lines, top=image.height + 8, font=font)
+    path = Path(target)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
+
+
+def _font(size: int) -> Any:
+    """Pillow's bundled scalable font (no system font needed)."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def _wrap_caption(
+    caption: str, entities: Sequence[ShownEntity], width_chars: int
+) -> list[list[tuple[str, str | None]]]:
+    """The caption as wrapped lines of (text, colour or None) pieces; a span's characters get its colour."""
+    colour_at: list[str | None] = [None] * len(caption)
+    for entity in entities:
+        for i in range(entity.span.start, min(entity.span.end, len(caption))):
+            colour_at[i] = entity.colour
+    lines: list[list[tuple[str, str | None]]] = [[]]
+    length = 0
+    for word_start, word in _words(caption):
+        if length and length + len(word) > width_chars:
+            lines.append([])
+            length = 0
+        for offset, char in enumerate(word):
+            colour = colour_at[word_start + offset]
+            line = lines[-1]
+            if line and line[-1][1] == colour:
+                line[-1] = (line[-1][0] + char, colour)
+            else:
+                line.append((char, colour))
+        length += len(word)
+    return lines
+
+
+def _words(caption: str) -> Iterator[tuple[int, str]]:
+    """(start offset, word with its trailing spaces) for each word of the caption."""
+    start = 0
+    while start < len(caption):
+        end = start
+        while end < len(caption) and not caption[end].isspace():
+            end += 1
+        while end < len(caption) and caption[end].isspace():
+            end += 1
+        yield start, caption[start:end]
+        start = end
+
+
+def _draw_caption(draw: Any, lines: Sequence[Sequence[tuple[str, str | None]]], top: int, font: Any) -> None:
+    """Draw wrapped caption lines; coloured pieces are drawn in their colour and underlined."""
+    for row, pieces in enumerate(lines):
+        x, y = 8.0, top + 22 * row
+        for text, colour in pieces:
+            width = draw.textlength(text, font=font)
+            draw.text((x, y), text, fill=colour or "#222222", font=font)
+            if colour is not None:
+                draw.line((x, y + 19, x + width, y + 19), fill=colour, width=2)
+            x += width

@@ -1,0 +1,113 @@
+"""`grit inspect`: the HTML gallery renders (non-blank, boxes visible) in headless Chromium; --png draws one sample."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from grit_pipeline.manifests.gallery import PALETTE, find_sample, render_sample_png, write_gallery
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+
+
+def _write_layout(out: Path) -> Path:
+    """The small build layout of test_audit (loaded by path: tests are not a package)."""
+    spec = importlib.util.spec_from_file_location("_audit_layout", Path(__file__).with_name("test_audit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_layout(out)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_layout(tmp_path_factory.mktemp("gallery") / "out")
+
+
+def _rgb(hex_colour: str) -> tuple[int, int, int]:
+    return tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
+
+
+def _pixels_near(image, colour: tuple[int, int, int], tolerance: int = 12) -> int:
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    return int(np.all(np.abs(pixels - np.array(colour)) <= tolerance, axis=-1).sum())
+
+
+def test_gallery_html_is_self_contained_with_boxes_spans_and_chart(built: Path, tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
+    assert write_gallery(built, page, count=5) == 5
+    text = page.read_text()
+    assert text.count('<div class="card">') == 5
+    assert text.count("data:image/jpeg;base64,") == 5
+    assert "<script" not in text and not re.search(r"(src|href)=\"https?://", text)
+    first_colour = PALETTE[0]
+    assert f'stroke="{first_colour}"' in text and f"border-bottom:3px solid {first_colour}" in text
+    sample = find_sample(built, "000000000")
+    assert f">{sample.entities[0].span.text(sample.record.caption)}<sup>1</sup></mark>" in text
+    assert "00001.tar" in text  # the shard table lists every shard
+
+
+def _chromium() -> str | None:
+    return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
+
+
+def test_gallery_renders_non_blank_in_headless_chromium(built: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    page, shot = tmp_path / "report.html", tmp_path / "shot.png"
+    write_gallery(built, page, count=8)
+    command = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,1400",
+        page.as_uri(),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    with Image.open(shot) as image:
+        assert image.size == (1280, 1400)
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colours is not None and len(colours) > 200, "screenshot has almost no distinct colours"
+        assert max(count for count, _ in colours) < 0.9 * image.width * image.height, "screenshot is one colour"
+        # the first two box colours are drawn as SVG rectangles and caption marks
+        assert _pixels_near(image, _rgb(PALETTE[0])) > 200
+        assert _pixels_near(image, _rgb(PALETTE[1])) > 200
+
+
+def test_png_draws_boxes_in_their_colours(built: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    sample = find_sample(built, "000010001")
+    target = render_sample_png(built, "000010001", tmp_path / "one.png", side=400)
+    with Image.open(target) as image:
+        assert image.format == "PNG" and image.width == 400 and image.height > 400
+        rgb = image.convert("RGB")
+        for entity in sample.entities:
+            box = entity.boxes[0][0]
+            x1, y1, x2, y2 = box.to_pixels(400, 400)
+            left_edge_mid = rgb.getpixel((int(x1) + 1, int((y1 + y2) / 2)))
+            assert max(abs(a - b) for a, b in zip(left_edge_mid, _rgb(entity.colour), strict=True)) <= 8
+
+
+def test_inspect_cli_writes_html_and_png_and_rejects_unknown_key(built: Path, tmp_path: Path) -> None:
+    from grit_pipeline.cli import main
+
+    runner = CliRunner()
+    page, png = tmp_path / "g.html", tmp_path / "k.png"
+    result = runner.invoke(main, ["inspect", str(built), "--n", "3", "--html", str(page)])
+    assert result.exit_code == 0, result.output
+    assert "3 samples" in result.output and page.read_text().count('<div class="card">') == 3
+    result = runner.invoke(main, ["inspect", str(built), "--png", "000000003", "--png-out", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.stat().st_size > 1000
+    missing = runner.invoke(main, ["inspect", str(built), "--png", "999999999", "--png-out", str(png)])
+    assert missing.exit_code != 0 and "999999999" in missing.output
