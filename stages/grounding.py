@@ -150,17 +150,17 @@ def filter_candidates(
 def result_from_candidates(
     candidates: Sequence[PhraseBox],
     phrase_targets: Sequence[Sequence[int]],
+    num_phrases: int,
     box_filter: BoxFilter,
     dropped: Counter[DropReason] | None = None,
 ) -> GroundingResult:
     """Filter one image's candidates and hand the survivors to the request's phrases.
 
-    `phrase_targets[p]` lists the request phrase indices that prompt phrase `p` stands for (several when one
-    chunk text repeats in the caption: each occurrence gets the boxes). The pair is dropped with
-    NO_BOX_ABOVE_THRESHOLD when no phrase keeps a box.
+    `phrase_targets[p]` lists the request phrase indices (< `num_phrases`) that candidate phrase `p` stands
+    for (several when one chunk text repeats in the caption: each occurrence gets the boxes). The pair is
+    dropped with NO_BOX_ABOVE_THRESHOLD when no phrase keeps a box.
     """
     counts: Counter[DropReason] = Counter() if dropped is None else dropped
-    num_phrases = 1 + max((t for targets in phrase_targets for t in targets), default=-1)
     boxes: list[list[ScoredBox]] = [[] for _ in range(num_phrases)]
     for kept in filter_candidates(candidates, box_filter, counts):
         for target in phrase_targets[kept.phrase]:
@@ -189,20 +189,30 @@ def phrase_scores(token_probs: Any, phrase_tokens: Sequence[Sequence[int]]) -> A
 
 
 def assign_boxes(
-    token_probs: Any, boxes: Sequence[Box], phrase_tokens: Sequence[Sequence[int]], phrase_ids: Sequence[int]
+    token_probs: Any,
+    corner_boxes: Any,
+    phrase_tokens: Sequence[Sequence[int]],
+    phrase_ids: Sequence[int],
+    min_score: float = float("-inf"),
 ) -> list[PhraseBox]:
     """Each predicted box goes to the phrase with the highest score (max sigmoid over its tokens).
 
-    `phrase_ids[j]` names the phrase whose tokens are `phrase_tokens[j]` (prompt phrases of one text pass);
-    ties go to the earlier phrase. Decoded text labels are never used.
+    `token_probs` is (queries, text_tokens); `corner_boxes` is (queries, 4) normalised (x1, y1, x2, y2);
+    `phrase_ids[j]` names the phrase whose token positions are `phrase_tokens[j]`. Ties go to the earlier
+    phrase. Queries whose best score is not above `min_score` are skipped (they could never pass the
+    threshold). Decoded text labels are never used.
     """
+    import numpy as np
+
     if not phrase_tokens:
         return []
     scores = phrase_scores(token_probs, phrase_tokens)
     best = scores.argmax(axis=1)
+    best_scores = scores[np.arange(scores.shape[0]), best]
+    corners = np.asarray(corner_boxes, dtype=np.float64)
     return [
-        PhraseBox(phrase_ids[int(column)], box, float(scores[query, column]))
-        for query, (box, column) in enumerate(zip(boxes, best, strict=True))
+        PhraseBox(phrase_ids[int(best[q])], Box(*(float(v) for v in corners[q])), float(best_scores[q]))
+        for q in np.flatnonzero(best_scores > min_score)
     ]
 
 

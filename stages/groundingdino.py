@@ -1,0 +1,360 @@
+"""GroundingDINO phrase grounding through transformers (no `groundingdino-py`).
+
+A caption's noun chunks become the prompt "chunk . chunk . chunk ."; prompts longer than the model's text
+limit are split into several passes whose boxes are merged before filtering. Each predicted box goes to the
+chunk whose tokens score highest (token-level logits, never decoded labels); then the paper's filter
+(score > 0.65, class-agnostic NMS over the image) decides what is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grit_pipeline.records import DropReason
+from grit_pipeline.stages.grounding import (
+    BOX_THRESHOLD_DEFAULT,
+    NMS_IOU_DEFAULT,
+    BoxFilter,
+    GroundingRequest,
+    GroundingResult,
+    PhraseBox,
+    assign_boxes,
+    result_from_candidates,
+    ungroundable_result,
+)
+
+DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# "." and "?" are the model's phrase delimiters (with [CLS]/[SEP]); inside a chunk they would split it.
+_DELIMITER_CHARS = str.maketrans({".": " ", "?": " "})
+
+
+class DetectorUnavailableError(RuntimeError):
+    """The detector cannot be loaded (not cached, no network, or not a checkpoint); the CLI exits with 2."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroundingConfig:
+    """Everything that decides GroundingDINO's output for a run; saved next to the run's output."""
+
+    detector: str = DEFAULT_DETECTOR
+    box_threshold: float = BOX_THRESHOLD_DEFAULT
+    nms_iou: float | None = NMS_IOU_DEFAULT
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    max_text_tokens: int = 256
+    local_files_only: bool = False
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        self.box_filter()  # validates the thresholds
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.max_text_tokens < 4:
+            raise ValueError(f"max_text_tokens must be >= 4, got {self.max_text_tokens}")
+
+    def box_filter(self) -> BoxFilter:
+        """The score threshold and NMS IoU as the shared filter."""
+        return BoxFilter(box_threshold=self.box_threshold, nms_iou=self.nms_iou)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict."""
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class TextPass:
+    """One text input of the model: token ids and, per prompt phrase in it, its token positions."""
+
+    input_ids: list[int]
+    phrase_tokens: list[list[int]] = field(default_factory=list)
+    phrase_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PromptPlan:
+    """The text passes for one caption and, per prompt phrase, the request phrases it stands for."""
+
+    passes: list[TextPass]
+    phrase_targets: list[list[int]]
+    truncated_phrases: int = 0
+
+
+def prompt_text(chunk_text: str) -> str:
+    """A chunk as it appears in the prompt: lower-cased, delimiters removed, whitespace collapsed."""
+    return " ".join(chunk_text.translate(_DELIMITER_CHARS).lower().split())
+
+
+def plan_prompts(
+    chunk_texts: Sequence[str], tokenize: Any, special_ids: dict[str, int], max_text_tokens: int
+) -> PromptPlan:
+    """Pack a caption's chunks into "[CLS] chunk . chunk . [SEP]" passes of at most `max_text_tokens`.
+
+    A chunk text repeated in the caption is prompted once and its boxes go to every occurrence. `tokenize`
+    maps a list of strings to lists of token ids (no special tokens).
+    """
+    unique: dict[str, int] = {}
+    targets: list[list[int]] = []
+    for index, text in enumerate(prompt_text(t) for t in chunk_texts):
+        if not text:
+            continue
+        if text not in unique:
+            unique[text] = len(targets)
+            targets.append([])
+        targets[unique[text]].append(index)
+    token_lists = tokenize(list(unique)) if unique else []
+    longest_phrase = max_text_tokens - 3  # [CLS], its ".", [SEP]
+    truncated = sum(len(tokens) > longest_phrase for tokens in token_lists)
+    passes: list[TextPass] = []
+    current = TextPass([special_ids["cls"]])
+    for phrase_id, tokens in enumerate(token_lists):
+        tokens = list(tokens[:longest_phrase])
+        if len(current.input_ids) + len(tokens) + 2 > max_text_tokens:
+            passes.append(_close(current, special_ids))
+            current = TextPass([special_ids["cls"]])
+        start = len(current.input_ids)
+        current.input_ids.extend(tokens)
+        current.input_ids.append(special_ids["dot"])
+        current.phrase_tokens.append(list(range(start, start + len(tokens))))
+        current.phrase_ids.append(phrase_id)
+    if current.phrase_ids:
+        passes.append(_close(current, special_ids))
+    return PromptPlan(passes=passes, phrase_targets=targets, truncated_phrases=truncated)
+
+
+def _close(text_pass: TextPass, special_ids: dict[str, int]) -> TextPass:
+    text_pass.input_ids.append(special_ids["sep"])
+    return text_pass
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> cuda when available, else mps, else cpu; anything else is passed through."""
+    if device != "auto":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_autocast_dtype(dtype: str, device: str) -> Any:
+    """The autocast dtype: bf16 (fp16 where bf16 is unsupported) on CUDA for "auto", None for float32/CPU."""
+    import torch
+
+    if dtype == "float32" or not device.startswith("cuda"):
+        return None
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, dtype)
+
+
+def _hub_offline(config: GroundingConfig) -> bool:
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return config.local_files_only or any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def _unavailable_message(detector: str, cause: BaseException | None) -> str:
+    why = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
+    return (
+        f"cannot load the detector {detector!r}: it is not a local checkpoint directory and no cached copy "
+        f"could be loaded from the Hugging Face hub{why}. Provide it in one of two ways: on a machine with "
+        f"internet run `huggingface-cli download {detector}` and copy the cache (HF_HOME) here, or save "
+        f"it with `save_pretrained` (model, tokenizer and image processor) and pass --detector /path/to/dir."
+    )
+
+
+def _load_parts(source: str, local_only: bool, revision: str | None) -> tuple[Any, Any, Any]:
+    from transformers import AutoModelForZeroShotObjectDetection, AutoTokenizer
+    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
+        GroundingDinoImageProcessorPil,  # direct import: the auto class wants torchvision, which we lack
+    )
+
+    kwargs: dict[str, Any] = {"local_files_only": local_only, "revision": revision}
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    image_processor = GroundingDinoImageProcessorPil.from_pretrained(source, **kwargs)
+    return model, tokenizer, image_processor
+
+
+def load_detector(config: GroundingConfig) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, image_processor) from a local directory or the hub cache, then the hub.
+
+    The cache is tried first without any network access; the hub only when not offline. Any failure to
+    find the checkpoint raises DetectorUnavailableError naming the model and how to provide it.
+    """
+    local = Path(config.detector).expanduser()
+    if local.is_dir() or config.detector.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise DetectorUnavailableError(f"detector directory {str(local)!r} does not exist")
+        try:
+            return _load_parts(str(local), True, None)
+        except (OSError, ValueError) as exc:
+            raise DetectorUnavailableError(
+                f"{str(local)!r} is not a GroundingDINO checkpoint saved with save_pretrained "
+                f"(model, tokenizer and image processor): {exc}"
+            ) from exc
+    try:
+        return _load_parts(config.detector, True, config.revision)
+    except OSError as cached_miss:
+        if _hub_offline(config):
+            raise DetectorUnavailableError(_unavailable_message(config.detector, cached_miss)) from cached_miss
+    try:
+        return _load_parts(config.detector, False, config.revision)
+    except (OSError, ValueError) as exc:
+        raise DetectorUnavailableError(_unavailable_message(config.detector, exc)) from exc
+
+
+class GroundingDinoGrounder:
+    """GroundingDINO on transformers; load once per worker, then call `ground` on batches of requests."""
+
+    def __init__(self, config: GroundingConfig | None = None):
+        self.config = config or GroundingConfig()
+        self.device = resolve_device(self.config.device)
+        self.autocast_dtype = resolve_autocast_dtype(self.config.dtype, self.device)
+        model, self.tokenizer, self.image_processor = load_detector(self.config)
+        self.model = model.to(self.device).eval()  # moved once, here
+        self._box_filter = self.config.box_filter()
+        self._special_ids = _special_token_ids(self.tokenizer)
+        self._weights_digest: str | None = None
+
+    def ground(self, batch: Sequence[GroundingRequest]) -> list[GroundingResult]:
+        """Ground every request; requests without image or phrases come back dropped with the reason."""
+        results: list[GroundingResult | None] = [None] * len(batch)
+        plans: dict[int, PromptPlan] = {}
+        for index, request in enumerate(batch):
+            if not request.phrases:
+                results[index] = ungroundable_result(0, DropReason.NO_NOUN_CHUNKS)
+            elif request.image is None:
+                results[index] = ungroundable_result(len(request.phrases), DropReason.IMAGE_MISSING)
+            else:
+                plans[index] = self.plan(request)
+        candidates = self._run_passes(batch, plans)
+        for index, plan in plans.items():
+            results[index] = self._finish(batch[index], plan, candidates[index])
+        return [r for r in results if r is not None]
+
+    def plan(self, request: GroundingRequest) -> PromptPlan:
+        """The text passes for one request's phrases."""
+        texts = [request.caption[p.chunk.start : p.chunk.end] for p in request.phrases]
+        return plan_prompts(texts, self._tokenize, self._special_ids, self.config.max_text_tokens)
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _finish(self, request: GroundingRequest, plan: PromptPlan, candidates: list[PhraseBox]) -> GroundingResult:
+        result = result_from_candidates(
+            candidates, plan.phrase_targets, len(request.phrases), self._box_filter, Counter()
+        )
+        result.info.update(
+            {"text_passes": len(plan.passes), "repeated_phrases": sum(len(t) - 1 for t in plan.phrase_targets)}
+        )
+        if plan.truncated_phrases:
+            result.info["truncated_phrases"] = plan.truncated_phrases
+        return result
+
+    def _run_passes(self, batch: Sequence[GroundingRequest], plans: dict[int, PromptPlan]) -> dict[int, list]:
+        """Run every text pass, several per forward, and collect each request's candidate boxes."""
+        candidates: dict[int, list[PhraseBox]] = {index: [] for index in plans}
+        items = [(index, text_pass) for index, plan in plans.items() for text_pass in plan.passes]
+        for chunk in _chunks(items, self.config.batch_size):
+            images = [batch[index].image for index, _ in chunk]
+            probs, boxes = self.forward(images, [text_pass.input_ids for _, text_pass in chunk])
+            for row, (index, text_pass) in enumerate(chunk):
+                length = len(text_pass.input_ids)
+                candidates[index].extend(
+                    assign_boxes(
+                        probs[row, :, :length],
+                        boxes[row],
+                        text_pass.phrase_tokens,
+                        text_pass.phrase_ids,
+                        min_score=self._box_filter.box_threshold,
+                    )
+                )
+        return candidates
+
+    def prepare_inputs(self, images: Sequence[Any], token_ids: Sequence[list[int]]) -> dict[str, Any]:
+        """Model inputs for one forward: padded pixels with pixel masks, padded text with attention masks."""
+        import torch
+
+        pixels = self.image_processor(images=list(images), return_tensors="pt")
+        longest = max(len(ids) for ids in token_ids)
+        input_ids = torch.zeros((len(token_ids), longest), dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(token_ids):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        inputs = {
+            "pixel_values": pixels["pixel_values"],
+            "pixel_mask": pixels["pixel_mask"],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": torch.zeros_like(input_ids),
+        }
+        return {name: tensor.to(self.device, non_blocking=True) for name, tensor in inputs.items()}
+
+    def forward(self, images: Sequence[Any], token_ids: Sequence[list[int]]) -> tuple[Any, Any]:
+        """Token probabilities (batch, queries, tokens) and corner boxes (batch, queries, 4) as numpy."""
+        import torch
+
+        inputs = self.prepare_inputs(images, token_ids)
+        with torch.inference_mode(), self._autocast():
+            outputs = self.model(**inputs)
+            probs = outputs.logits.float().sigmoid()
+            cx, cy, w, h = outputs.pred_boxes.float().unbind(-1)
+            corners = torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+        return probs.cpu().numpy(), corners.cpu().numpy()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.autocast_dtype)
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance for the manifest: detector id, resolved revision or weights digest, thresholds."""
+        return {
+            **self.config.to_dict(),
+            "grounder": "grounding-dino",
+            "model_class": type(self.model).__name__,
+            "revision": getattr(self.model.config, "_commit_hash", None),
+            "weights_sha256": self._local_weights_digest(),
+            "device": self.device,
+            "autocast_dtype": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else None,
+        }
+
+    def _local_weights_digest(self) -> str | None:
+        local = Path(self.config.detector).expanduser()
+        if self._weights_digest is None and local.is_dir():
+            digest = hashlib.sha256()
+            for weights in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
+                with open(weights, "rb") as handle:
+                    for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                        digest.update(block)
+            self._weights_digest = digest.hexdigest()
+        return self._weights_digest
+
+
+def _special_token_ids(tokenizer: Any) -> dict[str, int]:
+    dot = tokenizer.convert_tokens_to_ids(".")
+    if dot is None or dot == tokenizer.unk_token_id:
+        raise DetectorUnavailableError("the detector's tokenizer has no '.' token to delimit phrases")
+    return {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "dot": dot}
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
