@@ -1,0 +1,284 @@
+"""The output shard writer: OUT/shards/NNNNN.tar, NNNNN.parquet and, last, NNNNN_stats.json.
+
+Everything written here is a pure function of the samples: tar members are in key order with a fixed
+mtime, owner and mode, JSON is key-sorted, the parquet schema is fixed. A shard rewritten after a crash is
+therefore byte-identical to one written in an uninterrupted run. Each file is written under a temporary
+name and renamed; the stats file is renamed last and is the shard's completion marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+
+from grit_pipeline.io import atomic_path, write_bytes_atomic
+from grit_pipeline.records import GRIT20M_SCHEMA, DropReason
+
+SHARDS_DIR = "shards"
+SHARD_NAME_DIGITS = 5
+# Fixed tar header fields: nothing about the machine or the moment of writing leaks into the shard.
+_TAR_MTIME = 0
+_TAR_MODE = 0o644
+
+KEPT = "kept"
+DROPPED = "dropped"
+FAILED = "failed"
+
+METADATA_SCHEMA = pa.schema(
+    list(GRIT20M_SCHEMA)
+    + [
+        pa.field("source_key", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("drop_reason", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("n_spans", pa.int64()),
+        pa.field("span_drops", pa.string()),
+    ]
+)
+
+
+def shard_name(index: int) -> str:
+    """The zero-padded name of output shard `index` ("00042")."""
+    return f"{index:0{SHARD_NAME_DIGITS}d}"
+
+
+def sample_key(shard: int, position: int, key_digits: int) -> str:
+    """The output key of the sample at `position` of input shard `shard`: digits only, unique in the output."""
+    if position >= 10**key_digits:
+        raise ValueError(f"shard {shard} has more than 10**{key_digits} samples; raise key_digits")
+    return f"{shard * 10**key_digits + position:0{SHARD_NAME_DIGITS + key_digits}d}"
+
+
+@dataclass(slots=True)
+class OutputSample:
+    """One input sample's outcome: kept (image, grounded text, GRIT-20M row) or dropped with a reason."""
+
+    key: str
+    source_key: str
+    row: dict[str, Any]
+    status: str = KEPT
+    drop_reason: DropReason | None = None
+    error_message: str | None = None
+    image: bytes | None = None
+    text: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    n_spans: int = 0
+    span_drops: Counter[DropReason] = field(default_factory=Counter)
+
+    @property
+    def kept(self) -> bool:
+        """True when the sample goes into the tar."""
+        return self.status == KEPT
+
+    def json_member(self) -> dict[str, Any]:
+        """KEY.json: the GRIT-20M fields, the source key, url and provenance."""
+        return {**self.row, "key": self.key, "source_key": self.source_key, "provenance": self.provenance}
+
+    def metadata_row(self) -> dict[str, Any]:
+        """The row of the shard's parquet (every sample, kept or not)."""
+        return {
+            **{name: self.row.get(name) for name in GRIT20M_SCHEMA.names},
+            "key": self.key,
+            "source_key": self.source_key,
+            "status": self.status,
+            "drop_reason": self.drop_reason.value if self.drop_reason else None,
+            "error_message": self.error_message,
+            "n_spans": self.n_spans,
+            "span_drops": canonical_json(_counter_dict(self.span_drops)) if self.span_drops else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPaths:
+    """The three files of output shard `index` under OUT/shards."""
+
+    folder: Path
+    index: int
+
+    @property
+    def tar(self) -> Path:
+        """OUT/shards/NNNNN.tar."""
+        return self.folder / f"{shard_name(self.index)}.tar"
+
+    @property
+    def parquet(self) -> Path:
+        """OUT/shards/NNNNN.parquet."""
+        return self.folder / f"{shard_name(self.index)}.parquet"
+
+    @property
+    def stats(self) -> Path:
+        """OUT/shards/NNNNN_stats.json, the completion marker."""
+        return self.folder / f"{shard_name(self.index)}_stats.json"
+
+    def is_complete(self) -> bool:
+        """True when the stats file exists (it is written after the tar and the parquet)."""
+        return self.stats.is_file() and self.tar.is_file() and self.parquet.is_file()
+
+
+def canonical_json(obj: Any) -> str:
+    """Compact, key-sorted JSON with non-finite floats as null: the same object always gives the same text."""
+    return json.dumps(_finite(obj), sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _counter_dict(counter: Counter[Any]) -> dict[str, int]:
+    return {getattr(k, "value", str(k)): v for k, v in sorted(counter.items(), key=lambda kv: str(kv[0]))}
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        super().__init__()
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        """Always writable."""
+        return True
+
+    def write(self, data: Any) -> int:
+        """Hash, count and pass on `data`."""
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.size += len(view)
+        self.raw.write(view)
+        return len(view)
+
+    def tell(self) -> int:
+        """Bytes written so far."""
+        return self.size
+
+
+def tar_member(name: str, data: bytes) -> tarfile.TarInfo:
+    """A tar header with the fixed owner, mode and mtime of every output member."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = _TAR_MTIME
+    info.mode = _TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_tar(path: Path, members: Sequence[tuple[str, bytes]]) -> tuple[str, int]:
+    """Write `members` (already in order) as a deterministic tar, atomically; returns (sha256, bytes)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        hashing = _HashingWriter(raw)
+        with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                tar.addfile(tar_member(name, data), io.BytesIO(data))
+    return hashing.sha256.hexdigest(), hashing.size
+
+
+def tar_members(samples: Sequence[OutputSample]) -> list[tuple[str, bytes]]:
+    """KEY.jpg, KEY.json, KEY.txt of every kept sample, in key order (webdataset groups by key)."""
+    members = []
+    for sample in sorted((s for s in samples if s.kept), key=lambda s: s.key):
+        if sample.image is None or sample.text is None:
+            raise ValueError(f"kept sample {sample.key} lacks its image or text")
+        members.append((f"{sample.key}.jpg", sample.image))
+        members.append((f"{sample.key}.json", canonical_json(sample.json_member()).encode()))
+        members.append((f"{sample.key}.txt", sample.text.encode()))
+    return members
+
+
+def write_metadata(path: Path, samples: Sequence[OutputSample]) -> None:
+    """The shard's parquet: one row per input sample, in input order, atomically."""
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([s.metadata_row() for s in samples], schema=METADATA_SCHEMA)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest(), os.path.getsize(path)
+
+
+def shard_stats(index: int, samples: Sequence[OutputSample], source: dict[str, Any],
+                read_errors: Sequence[str]) -> dict[str, Any]:
+    """Counts, drop reasons and source of one shard (files are added by `write_shard`)."""
+    reasons = Counter(s.drop_reason for s in samples if not s.kept and s.drop_reason is not None)
+    span_drops: Counter[DropReason] = Counter()
+    for sample in samples:
+        span_drops.update(sample.span_drops)
+    kept = sum(1 for s in samples if s.kept)
+    return {
+        "shard": shard_name(index),
+        "source": source,
+        "count": len(samples),
+        "kept": kept,
+        "dropped": len(samples) - kept,
+        "drop_reasons": _counter_dict(reasons),
+        "span_drop_reasons": _counter_dict(span_drops),
+        "spans": sum(s.n_spans for s in samples if s.kept),
+        "read_errors": list(read_errors),
+    }
+
+
+def write_shard(folder: Path, index: int, samples: Sequence[OutputSample], source: dict[str, Any],
+                read_errors: Sequence[str] = ()) -> dict[str, Any]:
+    """Write output shard `index`: the tar, the parquet, then the stats file; returns the stats."""
+    paths = ShardPaths(folder, index)
+    keys = [s.key for s in samples]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"shard {index}: duplicate output keys")
+    tar_sha, tar_bytes = write_tar(paths.tar, tar_members(samples))
+    write_metadata(paths.parquet, samples)
+    parquet_sha, parquet_bytes = file_digest(paths.parquet)
+    stats = shard_stats(index, samples, source, read_errors)
+    stats["files"] = {
+        "tar": {"name": paths.tar.name, "sha256": tar_sha, "bytes": tar_bytes},
+        "parquet": {"name": paths.parquet.name, "sha256": parquet_sha, "bytes": parquet_bytes},
+    }
+    write_bytes_atomic(paths.stats, (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
+    return stats
+
+
+def read_stats(folder: Path, index: int) -> dict[str, Any] | None:
+    """The stats of a complete shard, None when it is not complete."""
+    paths = ShardPaths(folder, index)
+    if not paths.is_complete():
+        return None
+    try:
+        return json.loads(paths.stats.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete temporary files left by a killed run (".NAME.tmpPID"); returns how many."""
+    removed = 0
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.name.startswith(".") and ".tmp" in path.name:
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
