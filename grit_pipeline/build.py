@@ -1,0 +1,230 @@
+"""Orchestration of `grit build`: plan shards, guard the output folder, run a runner, write the manifest.
+
+What runs is in `grit_pipeline.pipeline`; where it runs is a runner (`grit_pipeline.runners.local` or
+`.ray`). Both hand finished shards to the `ShardSink` here, the only writer of OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from grit_pipeline.config import BuildConfig
+from grit_pipeline.inputs import InputShard, discover_shards, fingerprint_inputs
+from grit_pipeline.io import write_json_atomic
+from grit_pipeline.manifests.manifest import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    SIZES_FILE,
+    build_manifest,
+    shard_entry,
+    write_manifest,
+)
+from grit_pipeline.pipeline import ShardHeader, WorkItem, to_output
+from grit_pipeline.shards import (
+    SHARDS_DIR,
+    ShardPaths,
+    read_stats,
+    remove_stale_temporaries,
+    shard_name,
+    write_shard,
+)
+
+
+class OutputInUseError(RuntimeError):
+    """OUT holds a build made with another config (or something else) and --overwrite was not given."""
+
+
+@dataclass(slots=True)
+class Progress:
+    """Counts for the periodic one-line summary and the final table (printed to `stream`)."""
+
+    total_shards: int
+    interval: float = 10.0
+    stream: TextIO = sys.stderr
+    samples: int = 0
+    kept: int = 0
+    shards_done: int = 0
+    shards_failed: int = 0
+    drops: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+    last_print: float = field(default_factory=time.monotonic)
+
+    def add(self, items: Sequence[WorkItem]) -> None:
+        """Count a processed batch; print the summary line when the interval has passed."""
+        for item in items:
+            self.samples += 1
+            if item.alive:
+                self.kept += 1
+            else:
+                self.drops[getattr(item.drop_reason, "value", "unknown")] += 1
+        if time.monotonic() - self.last_print >= self.interval:
+            self.print_line()
+
+    def print_line(self) -> None:
+        """samples/s, kept ratio, shards and the top drop reasons, on one line."""
+        self.last_print = time.monotonic()
+        elapsed = max(self.last_print - self.started, 1e-9)
+        top = ", ".join(f"{k} {v / max(self.samples, 1):.0%}" for k, v in self.drops.most_common(3)) or "none"
+        print(f"[grit build] {self.samples} samples {self.samples / elapsed:.1f}/s kept {self.kept_ratio():.1%} "
+              f"shards {self.shards_done}/{self.total_shards} failed {self.shards_failed} | drops: {top}",
+              file=self.stream, flush=True)
+
+    def kept_ratio(self) -> float:
+        """Kept samples over processed samples."""
+        return self.kept / self.samples if self.samples else 0.0
+
+
+class ShardSink:
+    """Receives each shard's header and processed items from a runner and writes the output shard."""
+
+    def __init__(self, config: BuildConfig, progress: Progress) -> None:
+        self.folder = Path(config.out_dir) / SHARDS_DIR
+        self.progress = progress
+        self.failures: dict[int, str] = {}
+        self.models: dict[str, Any] = {}
+
+    def write(self, header: ShardHeader, items: Sequence[WorkItem]) -> None:
+        """Write output shard `header.shard` from its items (any order); failures are recorded, not raised."""
+        if header.failure is not None:
+            self.fail(header.shard, header.failure)
+            return
+        try:
+            ordered = sorted(items, key=lambda item: item.position)
+            if len(ordered) != header.count:
+                raise RuntimeError(f"{len(ordered)} of {header.count} samples came back")
+            for item in ordered:
+                if item.grounder and "grounder" not in self.models:
+                    self.models["grounder"] = item.grounder
+            write_shard(self.folder, header.shard, [to_output(item) for item in ordered], header.source,
+                        header.errors)
+            self.progress.shards_done += 1
+        except Exception as exc:  # a shard that cannot be written fails alone
+            self.fail(header.shard, f"write failed: {type(exc).__name__}: {exc}")
+
+    def fail(self, index: int, error: str) -> None:
+        """Record shard `index` as failed."""
+        self.failures[index] = error
+        self.progress.shards_failed += 1
+
+
+@dataclass(slots=True)
+class BuildResult:
+    """What a build did: the manifest written, and the shards that failed."""
+
+    manifest: dict[str, Any]
+    failures: dict[int, str]
+    skipped: int
+
+    @property
+    def ok(self) -> bool:
+        """True when every shard is complete."""
+        return not self.manifest["failed_shards"]
+
+
+def prepare_output(config: BuildConfig, overwrite: bool) -> None:
+    """Refuse an OUT holding another build unless `overwrite`; with it, remove the old build's files."""
+    out = Path(config.out_dir)
+    saved = out / CONFIG_FILE
+    ours = [saved, out / MANIFEST_FILE, out / SIZES_FILE]
+    shards = out / SHARDS_DIR
+    if saved.is_file():
+        previous = json.loads(saved.read_text(encoding="utf-8")).get("fingerprint")
+        if previous != config.fingerprint() and not overwrite:
+            raise OutputInUseError(
+                f"{out} holds a build made with a different config (fingerprint {str(previous)[:12]} vs "
+                f"{config.fingerprint()[:12]}); pass --overwrite to replace it, or choose another --out")
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputInUseError(f"{out} is not empty and holds no grit build; pass --overwrite or choose another --out")
+    if overwrite:
+        for path in ours:
+            path.unlink(missing_ok=True)
+        if shards.is_dir():
+            for path in shards.iterdir():
+                if path.is_file() and (path.name[:1].isdigit() or path.name.startswith(".")):
+                    path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(saved, {"config": config.to_dict(), "fingerprint": config.fingerprint()})
+
+
+def run_build(config: BuildConfig, overwrite: bool = False, stream: TextIO = sys.stderr) -> BuildResult:
+    """Build (or resume) the output of `config`; returns the manifest and failures (never raises on a shard)."""
+    started = time.time()
+    prepare_output(config, overwrite)
+    shards = discover_shards(config.inputs, config.samples_per_shard, config.images_dir)
+    folder = Path(config.out_dir) / SHARDS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
+    pending = [(i, s) for i, s in enumerate(shards) if not ShardPaths(folder, i).is_complete()]
+    progress = Progress(total_shards=len(shards), interval=config.progress_interval, stream=stream)
+    progress.shards_done = len(shards) - len(pending)
+    sink = ShardSink(config, progress)
+    run_started = time.time()
+    if pending:
+        runner_for(config)(config, pending, sink, progress)
+    run_seconds = time.time() - run_started
+    manifest = _finish(config, shards, sink, {"started_unix": round(started, 3), "run_seconds": round(run_seconds, 3),
+                                              "total_seconds": round(time.time() - started, 3),
+                                              "shards_processed": len(pending), "samples_processed": progress.samples})
+    return BuildResult(manifest, dict(sink.failures), len(shards) - len(pending))
+
+
+def runner_for(config: BuildConfig) -> Any:
+    """The run function of the configured runner."""
+    if config.runner == "local":
+        from grit_pipeline.runners.local import run_local
+
+        return run_local
+    from grit_pipeline.runners.ray import run_ray
+
+    return run_ray
+
+
+def _finish(config: BuildConfig, shards: list[InputShard], sink: ShardSink, timings: dict[str, Any]) -> dict[str, Any]:
+    folder = Path(config.out_dir) / SHARDS_DIR
+    entries = []
+    for index in range(len(shards)):
+        stats = read_stats(folder, index)
+        entries.append(shard_entry(shard_name(index), stats, sink.failures.get(index, "not written")))
+    manifest = build_manifest(config.to_dict(), config.fingerprint(), entries, models=_models(config, sink),
+                              inputs=fingerprint_inputs(config.inputs), timings=timings)
+    write_manifest(config.out_dir, manifest)
+    return manifest
+
+
+def _models(config: BuildConfig, sink: ShardSink) -> dict[str, Any]:
+    """spaCy model name and version, and the grounder's description (kept from an earlier run on resume)."""
+    import importlib.metadata
+
+    models: dict[str, Any] = {"spacy_model": config.text.spacy_model, "spacy_model_version": None}
+    try:
+        models["spacy_model_version"] = importlib.metadata.version(config.text.spacy_model)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    previous = Path(config.out_dir) / MANIFEST_FILE
+    if "grounder" not in sink.models and previous.is_file():
+        models["grounder"] = json.loads(previous.read_text(encoding="utf-8")).get("models", {}).get("grounder")
+    models.update(sink.models)
+    models.setdefault("grounder", {"kind": config.grounder})
+    return models
+
+
+def summary_table(result: BuildResult) -> str:
+    """The final summary: totals, drop reasons and failed shards, as aligned text."""
+    totals = result.manifest["totals"]
+    rows = [("shards", f"{totals['shards_complete']}/{totals['shards']} complete, {result.skipped} skipped (done before)"),
+            ("input samples", str(totals["input_samples"])),
+            ("kept", f"{totals['kept']} ({totals['kept_ratio']:.1%})"),
+            ("spans", str(totals["spans"])),
+            ("bytes", str(totals["bytes"])),
+            ("run seconds", str(result.manifest["timings"]["run_seconds"]))]
+    rows += [(f"drop: {k}", str(v)) for k, v in totals["drop_reasons"].items()]
+    rows += [(f"FAILED {f['name']}", f["error"]) for f in result.manifest["failed_shards"]]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,120 @@
+"""BuildConfig: the one validated, saved configuration of a `grit build` run, composed of the stage configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from grit_pipeline.stages.annotations import AnnotationConfig
+from grit_pipeline.stages.groundingdino import GroundingConfig
+from grit_pipeline.stages.image import ImageConfig
+from grit_pipeline.stages.serialize import SerializeConfig
+from grit_pipeline.stages.text import TextConfig
+
+GROUNDER_KINDS = ("grounding-dino", "annotations")
+RUNNERS = ("ray", "local")
+# Fields that change how a run goes, never what it writes: left out of the config fingerprint, so a rerun
+# with another runner or batch size resumes the same output.
+_NOT_FINGERPRINTED = frozenset({"runner", "ray_address", "out_dir", "batch_size", "device", "num_workers",
+                                "progress_interval", "cpus", "gpus_per_grounder", "grounder_workers"})
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that defines a build: inputs, output, the stage configs, the grounder and the runner."""
+
+    inputs: tuple[str, ...]
+    out_dir: str
+    grounder: str = "grounding-dino"
+    runner: str = "ray"
+    ray_address: str | None = None
+    images_dir: str | None = None
+    samples_per_shard: int = 10_000
+    key_digits: int = 6
+    batch_size: int = 64
+    grounder_workers: int = 1
+    gpus_per_grounder: float = 0.0
+    progress_interval: float = 10.0
+    text: TextConfig = field(default_factory=TextConfig)
+    serialize: SerializeConfig = field(default_factory=SerializeConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    annotations: AnnotationConfig = field(default_factory=AnnotationConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
+        if not self.inputs:
+            raise ValueError("at least one input is needed")
+        if self.grounder not in GROUNDER_KINDS:
+            raise ValueError(f"grounder must be one of {GROUNDER_KINDS}, got {self.grounder!r}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        for name in ("samples_per_shard", "batch_size", "grounder_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.key_digits <= 12:
+            raise ValueError(f"key_digits must be in [1, 12], got {self.key_digits}")
+        if 10**self.key_digits < self.samples_per_shard:
+            raise ValueError(f"key_digits={self.key_digits} cannot number {self.samples_per_shard} samples per shard")
+        if self.gpus_per_grounder < 0 or self.progress_interval <= 0:
+            raise ValueError("gpus_per_grounder must be >= 0 and progress_interval > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the whole config (stage configs nested under their names)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = config_to_dict(value) if f.name in _STAGE_CONFIGS else _plain(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        """The config from `to_dict` output (unknown keys are an error)."""
+        values = dict(data)
+        for name, stage_cls in _STAGE_CONFIGS.items():
+            if name in values:
+                values[name] = config_from_dict(stage_cls, values[name])
+        values["inputs"] = tuple(values.get("inputs", ()))
+        return cls(**values)
+
+    def fingerprint(self) -> str:
+        """sha256 of the fields that decide what is written (not where or how fast it runs)."""
+        payload = _strip(self.to_dict())
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+_STAGE_CONFIGS: dict[str, type] = {"text": TextConfig, "serialize": SerializeConfig,
+                                   "grounding": GroundingConfig, "annotations": AnnotationConfig,
+                                   "image": ImageConfig}
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A stage config as a JSON-ready dict: its own `to_dict` when it has one, else its fields."""
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """A stage config from `config_to_dict` output: its own `from_dict` when it has one."""
+    if hasattr(cls, "from_dict"):
+        return cls.from_dict(data)
+    return cls(**data)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _strip(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _strip(v) for k, v in data.items() if k not in _NOT_FINGERPRINTED}
+    return data

@@ -1,0 +1,391 @@
+"""What `grit build` runs: the stages decode -> noun chunks -> ground -> expand -> serialise -> write.
+
+Each stage is a small callable class over a BATCH of `WorkItem`s; it skips items already dropped and
+records a drop reason instead of raising. Where the stages run is the runners' business
+(`grit_pipeline.runners.local`, `grit_pipeline.runners.ray`): both call the very same stage objects.
+A shard is the unit of work and of resume: output shard i is made from input shard i.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from grit_pipeline.inputs import InputSample, InputShard
+from grit_pipeline.records import DropReason, GritRecord, MalformedRecordError
+from grit_pipeline.shards import DROPPED, KEPT, OutputSample, sample_key
+
+if TYPE_CHECKING:
+    from grit_pipeline.config import BuildConfig
+    from grit_pipeline.stages.grounding import Grounder, GroundingResult
+    from grit_pipeline.stages.text import Phrase
+
+GROUNDER_ANNOTATIONS = "annotations"
+GROUNDER_GROUNDING_DINO = "grounding-dino"
+GROUNDERS = (GROUNDER_GROUNDING_DINO, GROUNDER_ANNOTATIONS)
+
+
+@dataclass(slots=True)
+class WorkItem:
+    """One sample on its way through the stages; `drop_reason` set means later stages leave it alone."""
+
+    shard: int
+    position: int
+    key: str
+    sample: InputSample
+    source: dict[str, Any]
+    drop_reason: DropReason | None = None
+    error_message: str | None = None
+    decoded: Any = None  # grit_pipeline.stages.image.DecodedImage
+    phrases: list[Phrase] | None = None
+    source_record: GritRecord | None = None
+    grounding: GroundingResult | None = None
+    record: GritRecord | None = None
+    text: str | None = None
+    n_spans: int = 0
+    span_drops: Counter[DropReason] = field(default_factory=Counter)
+    grounder: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        """True while no stage has dropped the item."""
+        return self.drop_reason is None
+
+    def drop(self, reason: DropReason, message: str | None = None) -> None:
+        """Mark the item dropped (the first reason wins)."""
+        if self.drop_reason is None:
+            self.drop_reason = reason
+            self.error_message = message or self.error_message
+
+
+@dataclass(frozen=True, slots=True)
+class ShardHeader:
+    """What reading an input shard produced besides samples: its size, source and read errors."""
+
+    shard: int
+    count: int
+    source: dict[str, Any]
+    errors: tuple[str, ...] = ()
+    failure: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_shard(index: int, shard: InputShard, key_digits: int) -> tuple[ShardHeader, list[WorkItem]]:
+    """Read input shard `shard` as output shard `index`: a header and one WorkItem per input sample."""
+    source = shard.describe()
+    try:
+        contents = shard.read()
+    except Exception as exc:  # an unreadable shard fails alone; the run goes on with the others
+        return ShardHeader(index, 0, source, failure=f"read failed: {type(exc).__name__}: {exc}"), []
+    items = [intake(index, position, sample, source, key_digits) for position, sample in enumerate(contents.samples)]
+    return ShardHeader(index, len(items), source, tuple(contents.errors)), items
+
+
+def intake(shard: int, position: int, sample: InputSample, source: dict[str, Any], key_digits: int) -> WorkItem:
+    """A WorkItem for an input sample, dropped at once when it has no caption or no image."""
+    item = WorkItem(shard, position, sample_key(shard, position, key_digits), sample,
+                    {"input": source["path"], "shard": source["name"], "member": sample.member},
+                    error_message=sample.error_message)
+    if sample.caption is None:
+        item.drop(DropReason.MALFORMED_RECORD, sample.error_message or "no caption")
+    elif sample.image_error is not None:
+        item.drop(sample.image_error, sample.error_message)
+    elif sample.has_grit_entries():
+        item.source_record = _source_record(item)
+    return item
+
+
+def _source_record(item: WorkItem) -> GritRecord | None:
+    """The GRIT-20M record the input already carries (noun_chunks/ref_exps); malformed ones drop the item."""
+    row = {**item.sample.fields, "key": item.key, "caption": item.sample.caption, "url": item.sample.url}
+    try:
+        return GritRecord.from_row({k: row.get(k) for k in _GRIT_FIELDS})
+    except MalformedRecordError as exc:
+        item.drop(DropReason.MALFORMED_RECORD, str(exc))
+        return None
+
+
+_GRIT_FIELDS = ("key", "id", "url", "caption", "width", "height", "noun_chunks", "ref_exps",
+                "clip_similarity_vitb32", "clip_similarity_vitl14")
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+class DecodeStage:
+    """Decode each image (EXIF orientation, size limits) per the image stage's convention."""
+
+    name = "decode"
+
+    def __init__(self, config: BuildConfig) -> None:
+        self.config = config.image
+
+    def __call__(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Decode the images of the live items; undecodable ones are dropped with the decoder's reason."""
+        from grit_pipeline.stages.image import ImageDecodeError, decode_image
+
+        for item in items:
+            if not item.alive or item.sample.image is None:
+                continue
+            try:
+                item.decoded = decode_image(item.sample.image, self.config)
+            except ImageDecodeError as exc:
+                item.drop(exc.reason, str(exc))
+        return items
+
+
+class PhraseStage:
+    """spaCy noun chunks and referring expressions, for captions the input does not ground already."""
+
+    name = "phrases"
+
+    def __init__(self, config: BuildConfig) -> None:
+        from grit_pipeline.stages.text import PhraseExtractor
+
+        self.extractor = PhraseExtractor(config.text)
+
+    def __call__(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Fill `phrases` of every live item without a source record."""
+        todo = [item for item in items if item.alive and item.source_record is None]
+        if not todo:
+            return items
+        for item, result in zip(todo, self.extractor([i.sample.caption or "" for i in todo]), strict=True):
+            item.span_drops.update(result.dropped)
+            if result.drop_reason is not None:
+                item.drop(result.drop_reason)
+            elif not result.phrases:
+                item.drop(DropReason.NO_NOUN_CHUNKS)
+            else:
+                item.phrases = list(result.phrases)
+        return items
+
+
+class GroundStage:
+    """Boxes for every phrase: the configured grounder; records that carry GRIT-20M entries are re-grounded
+    from those entries by the annotation grounder (no detector pass needed)."""
+
+    name = "ground"
+
+    def __init__(self, config: BuildConfig) -> None:
+        self.config = config
+        self.grounder = make_grounder(config, config.grounder)
+        self._annotation_grounder: Grounder | None = None
+        self.description = self.grounder.describe()
+
+    def annotation_grounder(self) -> Grounder:
+        """The annotation grounder for source records (the configured one when it already is)."""
+        if self.config.grounder == GROUNDER_ANNOTATIONS:
+            return self.grounder
+        if self._annotation_grounder is None:
+            self._annotation_grounder = make_grounder(self.config, GROUNDER_ANNOTATIONS)
+        return self._annotation_grounder
+
+    def __call__(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Ground the live items, the ones with source records through the annotation grounder."""
+        live = [i for i in items if i.alive]
+        from_source = [i for i in live if i.source_record is not None]
+        from_text = [i for i in live if i.source_record is None]
+        if from_text:
+            self._ground(self.grounder, from_text, self.description)
+        if from_source:
+            grounder = self.annotation_grounder()
+            self._ground(grounder, from_source, grounder.describe())
+        return items
+
+    def _ground(self, grounder: Grounder, items: list[WorkItem], description: dict[str, Any]) -> None:
+        requests = [grounding_request(item) for item in items]
+        for item, request, result in zip(items, requests, grounder.ground(requests), strict=True):
+            item.grounder = description
+            item.grounding = result
+            item.span_drops.update(result.dropped)
+            if item.phrases is None:
+                item.phrases = list(request.phrases)
+            if result.drop_reason is not None:
+                item.drop(result.drop_reason)
+
+
+def grounding_request(item: WorkItem) -> Any:
+    """The grounder's view of an item: caption, phrases, decoded image, supplied annotations, source record."""
+    from grit_pipeline.stages.annotations import parse_annotations, phrases_from_record
+    from grit_pipeline.stages.grounding import GroundingRequest
+
+    supplied = item.sample.fields.get("annotations")
+    decoded = item.decoded
+    annotations = None
+    if supplied is not None:
+        width, height = (decoded.width, decoded.height) if decoded is not None else (None, None)
+        annotations = parse_annotations(supplied, width, height, item.span_drops)
+    if item.phrases is not None:
+        phrases = item.phrases
+    else:
+        phrases = phrases_from_record(item.source_record) if item.source_record is not None else []
+    return GroundingRequest(
+        key=item.key,
+        caption=item.sample.caption or "",
+        phrases=phrases,
+        image=decoded.image if decoded is not None else None,
+        annotations=annotations,
+        source_record=item.source_record,
+    )
+
+
+class ExpandStage:
+    """Pair every box with its chunk and the chunk's referring expression: the GRIT-20M record."""
+
+    name = "expand"
+
+    def __init__(self, config: BuildConfig) -> None:
+        self.config = config
+
+    def __call__(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Assemble the record of every live, grounded item."""
+        from grit_pipeline.stages.assemble import assemble_record
+
+        for item in items:
+            if not item.alive or item.grounding is None:
+                continue
+            boxes = [[(b.box, b.score) for b in phrase_boxes] for phrase_boxes in item.grounding.boxes]
+            item.record = assemble_record(item.key, item.sample.caption or "", item.phrases or [], boxes,
+                                          **record_meta(item))
+            if not item.record.noun_chunks:
+                item.drop(DropReason.NO_BOX_ABOVE_THRESHOLD)
+        return items
+
+
+def record_meta(item: WorkItem) -> dict[str, Any]:
+    """GRIT-20M fields besides the spans: id, url, original size, CLIP similarities."""
+    fields = item.sample.fields
+    source = item.source_record
+    width = _int_or_none(fields.get("original_width")) or _int_or_none(fields.get("width"))
+    height = _int_or_none(fields.get("original_height")) or _int_or_none(fields.get("height"))
+    if (width is None or height is None) and item.decoded is not None:
+        width, height = item.decoded.width, item.decoded.height
+    return {
+        "id": source.id if source else _int_or_none(fields.get("id")),
+        "url": item.sample.url,
+        "width": width,
+        "height": height,
+        "clip_similarity_vitb32": _float_or_none(fields.get("clip_similarity_vitb32")),
+        "clip_similarity_vitl14": _float_or_none(fields.get("clip_similarity_vitl14")),
+    }
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value else None
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+class SerializeStage:
+    """Grounded text with Kosmos-2 location tokens (transformers spelling by default)."""
+
+    name = "serialize"
+
+    def __init__(self, config: BuildConfig) -> None:
+        self.config = config.serialize
+
+    def __call__(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Serialise every live record; a record with no serialisable span is dropped."""
+        from grit_pipeline.stages.serialize import serialize_record
+
+        for item in items:
+            if not item.alive or item.record is None:
+                continue
+            result = serialize_record(item.record, self.config)
+            item.span_drops.update(result.dropped)
+            if result.text is None:
+                item.drop(result.drop_reason or DropReason.NO_SPAN_SERIALISED)
+            else:
+                item.text = result.text
+                item.n_spans = len(result.entities)
+        return items
+
+
+STAGE_CLASSES: tuple[Callable[..., Any], ...] = (DecodeStage, PhraseStage, GroundStage, ExpandStage, SerializeStage)
+
+
+def make_grounder(config: BuildConfig, kind: str) -> Grounder:
+    """The grounder named `kind`, loaded once per worker."""
+    if kind == GROUNDER_ANNOTATIONS:
+        from grit_pipeline.stages.annotations import AnnotationGrounder
+
+        return AnnotationGrounder(config.annotations)
+    if kind == GROUNDER_GROUNDING_DINO:
+        from grit_pipeline.stages.groundingdino import GroundingDinoGrounder
+
+        return GroundingDinoGrounder(config.grounding)
+    raise ValueError(f"unknown grounder {kind!r}; expected one of {GROUNDERS}")
+
+
+def make_stages(config: BuildConfig) -> list[Callable[[list[WorkItem]], list[WorkItem]]]:
+    """The stage objects of a build, in order (heavy models load here)."""
+    return [DecodeStage(config), PhraseStage(config), GroundStage(config), ExpandStage(config), SerializeStage(config)]
+
+
+def run_stage(stage: Callable[[list[WorkItem]], list[WorkItem]], items: list[WorkItem]) -> list[WorkItem]:
+    """Run a stage on a batch; when the batch raises, retry item by item so only the bad sample is dropped."""
+    try:
+        return stage(items)
+    except Exception:  # a bug or a poisoned sample: isolate it rather than failing the shard
+        return [_run_one(stage, item) for item in items]
+
+
+def _run_one(stage: Callable[[list[WorkItem]], list[WorkItem]], item: WorkItem) -> WorkItem:
+    try:
+        return stage([item])[0]
+    except Exception as exc:  # the sample itself is bad: drop it with the stage's error
+        name = getattr(stage, "name", type(stage).__name__)
+        item.drop(DropReason.STAGE_ERROR, f"{name}: {type(exc).__name__}: {exc}")
+        item.error_message = f"{item.error_message} | {_last_frame()}"
+        return item
+
+
+def _last_frame() -> str:
+    frames = traceback.extract_tb(__import__("sys").exc_info()[2])
+    return f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def to_output(item: WorkItem) -> OutputSample:
+    """The item's outcome as the shard writer's sample (kept only with an image, a record and a text)."""
+    kept = item.alive and item.text is not None and item.record is not None and item.decoded is not None
+    row = item.record.to_row() if item.record is not None else _dropped_row(item)
+    return OutputSample(
+        key=item.key,
+        source_key=item.sample.source_key,
+        row=row,
+        status=KEPT if kept else DROPPED,
+        drop_reason=None if kept else (item.drop_reason or DropReason.STAGE_ERROR),
+        error_message=item.error_message,
+        image=item.decoded.stored_bytes if kept else None,
+        text=item.text if kept else None,
+        provenance={"source": item.source, "grounder": item.grounder},
+        n_spans=item.n_spans if kept else 0,
+        span_drops=item.span_drops,
+    )
+
+
+def _dropped_row(item: WorkItem) -> dict[str, Any]:
+    meta = record_meta(item) if item.sample.fields or item.decoded is not None else {"url": item.sample.url}
+    return {"key": item.key, "caption": item.sample.caption, **meta}
+
+
+def process_items(stages: Sequence[Callable[[list[WorkItem]], list[WorkItem]]], items: list[WorkItem],
+                  batch_size: int) -> list[WorkItem]:
+    """Run `items` through every stage, `batch_size` at a time (the local runner's inner loop)."""
+    out: list[WorkItem] = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        for stage in stages:
+            batch = run_stage(stage, batch)
+        out.extend(batch)
+    return out

@@ -1,0 +1,31 @@
+"""The local runner: every stage in this process, shard after shard (debugging and small jobs)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from grit_pipeline.inputs import InputShard
+from grit_pipeline.pipeline import make_stages, read_shard, run_stage
+
+if TYPE_CHECKING:
+    from grit_pipeline.build import Progress, ShardSink
+    from grit_pipeline.config import BuildConfig
+
+
+def run_local(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sink: ShardSink,
+              progress: Progress) -> None:
+    """Read, process and write each pending shard in turn; a shard that raises is recorded as failed."""
+    stages = make_stages(config)
+    for index, shard in shards:
+        try:
+            header, items = read_shard(index, shard, config.key_digits)
+            for start in range(0, len(items), config.batch_size):
+                batch = items[start : start + config.batch_size]
+                for stage in stages:
+                    run_stage(stage, batch)
+                progress.add(batch)
+        except Exception as exc:  # the shard fails alone; the run goes on
+            sink.fail(index, f"{type(exc).__name__}: {exc}")
+            continue
+        sink.write(header, items)

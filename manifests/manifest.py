@@ -1,0 +1,164 @@
+"""OUT/manifest.json and OUT/sizes.json of a build, and the reader that `grit audit`/`grit inspect` use.
+
+The manifest is written last, after every shard, from the shards' own stats files: a resumed run writes a
+manifest covering every shard, including those a previous run finished. See docs/output-format.md.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from grit_pipeline.io import write_json_atomic
+
+MANIFEST_FILE = "manifest.json"
+SIZES_FILE = "sizes.json"
+CONFIG_FILE = "config.json"
+MANIFEST_FORMAT = "grit-build-manifest.v1"
+STATUS_COMPLETE = "complete"
+STATUS_FAILED = "failed"
+
+_PACKAGES = ("grit-pipeline", "torch", "transformers", "tokenizers", "spacy", "ray", "webdataset", "pyarrow",
+             "pillow", "numpy")
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, not JSON, or lacks the fields every manifest has."""
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages whose behaviour shapes the output (None when not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def code_version() -> dict[str, Any]:
+    """The package version, plus the git commit (and whether the tree was dirty) when run from a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    version: dict[str, Any] = {"package": package_versions()["grit-pipeline"], "git_commit": None, "git_dirty": None}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        version.update(git_commit=commit or None, git_dirty=bool(status.strip()))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def shard_entry(name: str, stats: Mapping[str, Any] | None, error: str | None = None) -> dict[str, Any]:
+    """One manifest shard entry from a shard's stats (complete) or its error (failed)."""
+    if stats is None:
+        return {"name": name, "tar": f"{name}.tar", "status": STATUS_FAILED, "error": error or "not written"}
+    files = stats["files"]
+    return {
+        "name": name,
+        "tar": files["tar"]["name"],
+        "status": STATUS_COMPLETE,
+        "sha256": files["tar"]["sha256"],
+        "bytes": files["tar"]["bytes"],
+        "samples": stats["kept"],
+        "counts": {"input": stats["count"], "kept": stats["kept"], "dropped": stats["dropped"],
+                   "spans": stats.get("spans", 0)},
+        "parquet": files["parquet"],
+        "drop_reasons": stats["drop_reasons"],
+        "span_drop_reasons": stats.get("span_drop_reasons", {}),
+        "read_errors": stats.get("read_errors", []),
+        "source": stats.get("source"),
+    }
+
+
+def totals(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sums over the complete shards, and the failed shard count."""
+    complete = [e for e in entries if e["status"] == STATUS_COMPLETE]
+    drops: Counter[str] = Counter()
+    span_drops: Counter[str] = Counter()
+    for entry in complete:
+        drops.update(entry["drop_reasons"])
+        span_drops.update(entry["span_drop_reasons"])
+    samples = sum(e["counts"]["input"] for e in complete)
+    kept = sum(e["samples"] for e in complete)
+    return {
+        "shards": len(entries),
+        "shards_complete": len(complete),
+        "shards_failed": len(entries) - len(complete),
+        "input_samples": samples,
+        "kept": kept,
+        "dropped": samples - kept,
+        "kept_ratio": round(kept / samples, 6) if samples else 0.0,
+        "spans": sum(e["counts"]["spans"] for e in complete),
+        "bytes": sum(e["bytes"] for e in complete),
+        "drop_reasons": dict(drops.most_common()),
+        "span_drop_reasons": dict(span_drops.most_common()),
+    }
+
+
+def build_manifest(
+    config: Mapping[str, Any],
+    fingerprint: str,
+    entries: list[dict[str, Any]],
+    *,
+    models: Mapping[str, Any],
+    inputs: list[dict[str, Any]],
+    timings: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The manifest dict: config, versions, models, inputs, per-shard entries, totals and timings."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "config": dict(config),
+        "config_fingerprint": fingerprint,
+        "code": code_version(),
+        "packages": package_versions(),
+        "models": dict(models),
+        "inputs": inputs,
+        "shards": entries,
+        "totals": totals(entries),
+        "failed_shards": [{"name": e["name"], "error": e["error"]} for e in entries if e["status"] == STATUS_FAILED],
+        "timings": dict(timings),
+    }
+
+
+def write_manifest(out_dir: str | Path, manifest: Mapping[str, Any]) -> None:
+    """Write sizes.json (open_clip: tar name -> kept samples, complete shards) then manifest.json, atomically."""
+    out = Path(out_dir)
+    sizes = {e["tar"]: e["samples"] for e in manifest["shards"] if e["status"] == STATUS_COMPLETE}
+    write_json_atomic(out / SIZES_FILE, sizes)
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and check a manifest (OUT or OUT/manifest.json); raises ManifestError when it is unusable."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / MANIFEST_FILE
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"cannot read {file}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ManifestError(f"{file}: not a JSON object")
+    missing = [k for k in ("format", "config", "shards", "totals") if k not in data]
+    if missing:
+        raise ManifestError(f"{file}: missing {', '.join(missing)}")
+    if data["format"] != MANIFEST_FORMAT:
+        raise ManifestError(f"{file}: unknown format {data['format']!r}, expected {MANIFEST_FORMAT!r}")
+    for entry in data["shards"]:
+        if not isinstance(entry, dict) or "name" not in entry or "status" not in entry:
+            raise ManifestError(f"{file}: a shard entry lacks its name or status")
+    return data
+
+
+def load_sizes(out_dir: str | Path) -> dict[str, int]:
+    """OUT/sizes.json: tar name -> number of samples."""
+    return json.loads((Path(out_dir) / SIZES_FILE).read_text(encoding="utf-8"))
