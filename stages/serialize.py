@@ -18,7 +18,8 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from math import ceil, floor, isfinite
+from typing import Any, NamedTuple
 
 from grit_pipeline.records import GRID_DEFAULT, Box, DropReason, GritRecord, GroundedSpan, Span
 
@@ -78,8 +79,7 @@ class SerializeConfig:
         return cls(**data)
 
 
-@dataclass(frozen=True, slots=True)
-class PatchBox:
+class PatchBox(NamedTuple):
     """A box as two location tokens: the top-left and bottom-right cell indices (row * grid + col)."""
 
     top_left: int
@@ -113,12 +113,21 @@ def patch_index_to_coordinate(ul_idx: int, lr_idx: int, grid: int = GRID_DEFAULT
 
 def quantize_box(box: Box, grid: int = GRID_DEFAULT) -> PatchBox | None:
     """The location tokens of a box clamped to [0, 1], or None when it has no area (dropped)."""
-    if not box.is_finite():
+    # Inlined clamp + checks: this runs for every box of every record (see `grit bench serialize`).
+    x1, y1, x2, y2 = box.x1, box.y1, box.x2, box.y2
+    if not (isfinite(x1) and isfinite(y1) and isfinite(x2) and isfinite(y2)):
         return None
-    clamped = box.clamped()
-    if clamped.is_degenerate():
+    x1 = 0.0 if x1 < 0.0 else (1.0 if x1 > 1.0 else x1)
+    y1 = 0.0 if y1 < 0.0 else (1.0 if y1 > 1.0 else y1)
+    x2 = 0.0 if x2 < 0.0 else (1.0 if x2 > 1.0 else x2)
+    y2 = 0.0 if y2 < 0.0 else (1.0 if y2 > 1.0 else y2)
+    if not (x2 > x1 and y2 > y1):
         return None
-    return coordinate_to_patch_index(clamped, grid)
+    ul_x, ul_y = floor(x1 * grid), floor(y1 * grid)
+    # max(): for boxes thinner than float precision (y2 = 1e-181) `ceil(y2 * P - 1)` rounds to -1, before the
+    # top-left cell (transformers writes an invalid index there); such a box takes its top-left cell.
+    lr_x, lr_y = max(ul_x, ceil(x2 * grid - 1)), max(ul_y, ceil(y2 * grid - 1))
+    return PatchBox(ul_y * grid + ul_x, lr_y * grid + lr_x)
 
 
 def sanitize_caption(caption: str) -> str:
@@ -131,8 +140,7 @@ def count_control_strings(caption: str) -> int:
     return sum(1 for _ in CONTROL_STRING.finditer(caption))
 
 
-@dataclass(frozen=True, slots=True)
-class Entity:
+class Entity(NamedTuple):
     """A serialised span with its location tokens, in caption order."""
 
     span: Span
@@ -150,60 +158,73 @@ class Serialized:
     escaped_control_strings: int = 0
 
 
-def _trim(span: Span, caption: str) -> Span:
-    text = caption[span.start : span.end]
+def _trimmed(start: int, end: int, caption: str) -> tuple[int, int]:
+    """(start, end) without surrounding whitespace; start == end when nothing is left."""
+    if start == end or not (caption[start].isspace() or caption[end - 1].isspace()):
+        return start, end
+    text = caption[start:end]
     lead = len(text) - len(text.lstrip())
-    trail = len(text) - len(text.rstrip())
     if lead == len(text):
-        return Span(span.start, span.start)
-    return Span(span.start + lead, span.end - trail)
+        return start, start
+    return start + lead, end - (len(text) - len(text.rstrip()))
 
 
-def group_entries(entries: list[GroundedSpan], caption: str, grid: int, dropped: Counter[DropReason]) -> dict[Span, list[PatchBox]]:
-    """Spans (trimmed) mapped to their distinct location tokens, in first-appearance order."""
-    groups: dict[Span, list[PatchBox]] = {}
+def group_entries(entries: list[GroundedSpan], caption: str, grid: int,
+                  dropped: Counter[DropReason]) -> dict[tuple[int, int], list[PatchBox]]:
+    """Trimmed (start, end) spans mapped to their distinct location tokens, in first-appearance order."""
+    # Plain (start, end) keys rather than Span objects: this loop runs for every box of every record.
+    groups: dict[tuple[int, int], list[PatchBox]] = {}
     n = len(caption)
     for entry in entries:
-        if entry.span.end > n:
+        span = entry.span
+        if span.end > n:
             dropped[DropReason.SPAN_OUT_OF_CAPTION] += 1
             continue
-        span = _trim(entry.span, caption)
-        if span.start == span.end:
+        key = _trimmed(span.start, span.end, caption)
+        if key[0] == key[1]:
             dropped[DropReason.EMPTY_SPAN] += 1
             continue
         tokens = quantize_box(entry.box, grid)
         if tokens is None:
             dropped[DropReason.DEGENERATE_BOX] += 1
             continue
-        boxes = groups.setdefault(span, [])
-        if tokens in boxes:
+        boxes = groups.get(key)
+        if boxes is None:
+            groups[key] = [tokens]
+        elif tokens in boxes:
             dropped[DropReason.DUPLICATE_BOX_TOKENS] += 1
         else:
             boxes.append(tokens)
     return groups
 
 
-def select_spans(spans: list[Span], dropped: Counter[DropReason]) -> list[Span]:
-    """Leftmost-longest non-overlapping spans in caption order; contained and crossing spans counted."""
-    kept: list[Span] = []
-    for span in sorted(spans, key=lambda s: (s.start, -s.end)):
-        if kept and kept[-1].end > span.start:
-            reason = DropReason.CONTAINED_SPAN if kept[-1].contains(span) else DropReason.CROSSING_SPAN
-            dropped[reason] += 1
+def select_spans(spans: list[tuple[int, int]], dropped: Counter[DropReason]) -> list[tuple[int, int]]:
+    """Leftmost-longest non-overlapping (start, end) spans in caption order; contained and crossing counted."""
+    kept: list[tuple[int, int]] = []
+    last_end = -1
+    for start, end in sorted(spans, key=lambda s: (s[0], -s[1])):
+        if start < last_end:
+            inside = end <= last_end
+            dropped[DropReason.CONTAINED_SPAN if inside else DropReason.CROSSING_SPAN] += 1
             continue
-        kept.append(span)
+        kept.append((start, end))
+        last_end = end
     return kept
 
 
+# Token strings for every index a grid of up to 100 x 100 can produce, formatted once.
+_HF_INDEX = [f"<patch_index_{i:04d}>" for i in range(100 * 100)]
+_PAPER_INDEX = [f"<loc{i}>" for i in range(100 * 100)]
+
+
 def _hf_object(boxes: tuple[PatchBox, ...]) -> str:
-    pairs = "</delimiter_of_multi_objects/>".join(
-        f"<patch_index_{b.top_left:04d}><patch_index_{b.bottom_right:04d}>" for b in boxes
-    )
-    return f"<object>{pairs}</object>"
+    return "<object>" + "</delimiter_of_multi_objects/>".join(
+        _HF_INDEX[a] + _HF_INDEX[b] for a, b in boxes
+    ) + "</object>"
 
 
 def _paper_object(boxes: tuple[PatchBox, ...]) -> str:
-    return "<box>" + "<delim>".join(f"<loc{b.top_left}><loc{b.bottom_right}>" for b in boxes) + "</box>"
+    return "<box>" + "<delim>".join(_PAPER_INDEX[a] + _PAPER_INDEX[b] for a, b in boxes) + "</box>"
 
 
 def render(caption: str, entities: list[Entity], token_format: TokenFormat) -> str:
@@ -212,24 +233,24 @@ def render(caption: str, entities: list[Entity], token_format: TokenFormat) -> s
     hf: a space before a span moves inside `<phrase>` (`of<phrase> a snowman</phrase>`), as the released
     model writes it; paper: `<p> span </p><box><locA><locB></box>` as in the paper's example.
     """
-    body = " " + caption
+    hf_format = token_format is TokenFormat.HF
     parts = ["<grounding>"]
-    pos = 0
+    pos = 0  # in caption coordinates; the caption is read as if preceded by one space
     for entity in entities:
-        start, end = entity.span.start + 1, entity.span.end + 1
-        text = body[start:end]
-        if token_format is TokenFormat.HF:
-            if start - 1 >= pos and body[start - 1] == " ":
-                parts.append(body[pos : start - 1])
-                parts.append(f"<phrase> {text}</phrase>{_hf_object(entity.boxes)}")
-            else:
-                parts.append(body[pos:start])
-                parts.append(f"<phrase>{text}</phrase>{_hf_object(entity.boxes)}")
-        else:
-            parts.append(body[pos:start])
+        start, end = entity.span.start, entity.span.end
+        text = caption[start:end]
+        if not hf_format:
+            parts.append(" " + caption[:start] if pos == 0 else caption[pos:start])
             parts.append(f"<p> {text} </p>{_paper_object(entity.boxes)}")
+        elif start == 0 or (start > pos and caption[start - 1] == " "):
+            if start > 0:
+                parts.append(" " + caption[: start - 1] if pos == 0 else caption[pos : start - 1])
+            parts.append(f"<phrase> {text}</phrase>{_hf_object(entity.boxes)}")
+        else:
+            parts.append(" " + caption[:start] if pos == 0 else caption[pos:start])
+            parts.append(f"<phrase>{text}</phrase>{_hf_object(entity.boxes)}")
         pos = end
-    parts.append(body[pos:])
+    parts.append(" " + caption if pos == 0 else caption[pos:])
     return "".join(parts)
 
 
@@ -247,7 +268,7 @@ def serialize_record(record: GritRecord, config: SerializeConfig | None = None) 
     entries = record.ref_exps if use_expressions else record.noun_chunks
     groups = group_entries(entries, caption, config.grid, dropped)
     spans = select_spans(list(groups), dropped)
-    entities = [Entity(span, tuple(groups[span])) for span in spans]
+    entities = [Entity(Span(*key), tuple(groups[key])) for key in spans]
     if not entities:
         return Serialized(None, dropped=dropped, drop_reason=DropReason.NO_SPAN_SERIALISED,
                           escaped_control_strings=control_strings)
