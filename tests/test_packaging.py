@@ -49,12 +49,12 @@ def test_wheel_in_a_clean_venv_imports_and_runs(wheel, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = (
         "import grit_pipeline, grit_pipeline.stages.serialize as s, grit_pipeline.records as r;"
-        "assert grit_pipeline.__file__.startswith(%r), grit_pipeline.__file__;"
+        f"assert grit_pipeline.__file__.startswith({purelib!r}), grit_pipeline.__file__;"
         "import importlib.util as u; assert all(u.find_spec(m) is None for m in ('stages','model','manifests'));"
         "from click.testing import CliRunner; from grit_pipeline.cli import main;"
         "res = CliRunner().invoke(main, ['phrases', 'a dog in a field of flowers']);"
         "assert res.exit_code == 0, res.output; print(res.output)"
-    ) % purelib
+    )
     done = subprocess.run([str(python), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert '"ref_exps": [[0, 27], [9, 27], [20, 27]]' in done.stdout

@@ -183,7 +183,7 @@ def test_hf_output_parses_back_with_transformers(record, grid):
     assert clean == caption.strip()
     assert "<" not in OUR_HF_TAGS.sub("", result.text)
     assert len(entities) == len(result.entities)
-    for (name, (start, end), boxes), entity in zip(entities, result.entities):
+    for (name, (start, end), boxes), entity in zip(entities, result.entities, strict=True):
         assert (start, end) == (entity.span.start - lead, entity.span.end - lead)
         assert name == caption[entity.span.start : entity.span.end]
         assert boxes == [hf.patch_index_to_coordinate(b.top_left, b.bottom_right, grid) for b in entity.boxes]
@@ -204,7 +204,7 @@ def test_hf_output_parses_back_with_transformers(record, grid):
         else:
             assert any(trimmed.overlaps(span) for span in kept), "a span is only dropped for overlapping a kept one"
     spans = [e.span for e in result.entities]
-    assert all(a.end <= b.start for a, b in zip(spans, spans[1:])), "caption order, no overlap"
+    assert all(a.end <= b.start for a, b in zip(spans, spans[1:], strict=False)), "caption order, no overlap"
 
 
 @settings(max_examples=200, deadline=None)

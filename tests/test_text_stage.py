@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from grit_pipeline.records import DropReason, Span
-from grit_pipeline.stages.text import ABSTRACT_NOUNS, PhraseExtractor, TextConfig, drop_contained, load_word_list
+from grit_pipeline.stages.text import (
+    ABSTRACT_NOUNS,
+    PhraseExtractor,
+    TextConfig,
+    drop_contained,
+    load_word_list,
+)
 
 
 def _texts(caption, result):
@@ -53,12 +59,12 @@ def test_trailing_conjunction_never_ends_a_span(extractor):
 
 def test_pairing_and_offsets(extractor):
     captions = ["Two kids playing with a ball near the old house", "Ein Hund 🐶 läuft über die Wiese", "café au lait in a white cup ☕"]
-    for caption, result in zip(captions, extractor(captions)):
+    for caption, result in zip(captions, extractor(captions), strict=True):
         for phrase in result.phrases:
             assert 0 <= phrase.chunk.start < phrase.chunk.end <= len(caption)
             assert phrase.expression.contains(phrase.chunk)
             assert phrase.chunk.text(caption).strip() == phrase.chunk.text(caption)
-    cup = next(r for c, r in zip(captions, extractor(captions)) if c.startswith("café"))
+    cup = next(r for c, r in zip(captions, extractor(captions), strict=True) if c.startswith("café"))
     assert "a white cup" in [p.chunk.text(captions[2]) for p in cup.phrases]
 
 
@@ -112,7 +118,7 @@ def test_very_long_caption(extractor):
 
 def test_non_english_and_emoji_do_not_break_offsets(extractor):
     captions = ["日本の桜と富士山", "🎉🎉🎉", "Строительство моста через реку", "👗 Summer dress with 🌸 floral print"]
-    for caption, result in zip(captions, extractor(captions)):
+    for caption, result in zip(captions, extractor(captions), strict=True):
         for phrase in result.phrases:
             assert phrase.chunk.text(caption) == caption[phrase.chunk.start : phrase.chunk.end]
             assert phrase.expression.end <= len(caption)
