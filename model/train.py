@@ -30,6 +30,7 @@ from grit_pipeline.model.data import (
     ShardStream,
     list_shards,
     make_loader,
+    model_inputs,
 )
 from grit_pipeline.model.presets import build_model, get_preset, image_size_of
 from grit_pipeline.model.tokenizer import build_processor, build_tokenizer, load_processor
@@ -303,9 +304,7 @@ def make_stream(config: TrainConfig, processor: Any, model: torch.nn.Module, dis
                 position: DataPosition) -> ShardStream:
     """This rank's shard stream, starting at `position`."""
     urls, sizes = list_shards(config.data.shards)
-    image_processor = processor.image_processor
-    encoder = SampleEncoder(processor.tokenizer, image_size_of(model), config.data,
-                            mean=image_processor.image_mean, std=image_processor.image_std)
+    encoder = SampleEncoder(processor.tokenizer, image_size_of(model), config.data)
     return ShardStream(urls, sizes, encoder, config.data, dist.rank, dist.world_size, start=position)
 
 
@@ -330,7 +329,8 @@ def _loop(config: TrainConfig, dist: Dist, run_dir: Path, model: torch.nn.Module
         for micro in range(config.grad_accum):
             batch = next(batches)
             position.advance(*batch.pop("position"))
-            batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
+            batch = model_inputs(batch, dist.device, processor.image_processor.image_mean,
+                                 processor.image_processor.image_std)
             sync = micro == config.grad_accum - 1 or dist.world_size == 1
             with _maybe_no_sync(wrapped, sync), torch.autocast(dist.device.type, torch.bfloat16, enabled=autocast):
                 loss = wrapped(**batch).loss / config.grad_accum

@@ -1,0 +1,95 @@
+"""`grit bench loader`: the trainer's loader against a plain webdataset loop that only decodes the JPEGs."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def bench_loader(shards: str | None, samples: int, image_size: int, source_size: int, batch_size: int) -> dict[str, Any]:
+    """Samples/s of one loader worker (read, shuffle, decode, tokenize, collate) vs the decode-only limit."""
+    import torch
+
+    torch.set_num_threads(1)  # one worker's share of the machine
+    with tempfile.TemporaryDirectory() as tmp:
+        shard_dir = shards or str(_synthetic_shards(Path(tmp), samples, source_size))
+        from grit_pipeline.model.data import list_shards
+
+        urls, _ = list_shards(shard_dir)
+        plain = _time_loop(lambda: _plain_decode(urls), samples)
+        own_decode = _time_loop(lambda: _draft_decode(urls, image_size), samples)
+        loader = _time_loop(lambda: _loader(shard_dir, image_size, batch_size), samples)
+    return {
+        "samples": samples,
+        "image_size": image_size,
+        "loader_samples_per_s": round(loader, 1),
+        "plain_webdataset_decode_samples_per_s": round(plain, 1),
+        "ratio": round(loader / plain, 3),
+        "draft_decode_resize_samples_per_s": round(own_decode, 1),
+        "ratio_to_draft_decode_resize": round(loader / own_decode, 3),
+        "note": "per worker (one process, one thread); the loader decodes in JPEG draft mode, the plain loop at full size",
+    }
+
+
+def _time_loop(make_iterator: Any, samples: int) -> float:
+    """Samples per second of an iterator yielding sample counts, over `samples` samples (after one warm-up)."""
+    for _ in make_iterator():
+        break
+    count, started = 0, time.perf_counter()
+    while count < samples:
+        for produced in make_iterator():
+            count += produced
+            if count >= samples:
+                break
+    return count / (time.perf_counter() - started)
+
+
+def _plain_decode(urls: list[str]) -> Any:
+    """The limit: webdataset reads the tars and PIL fully decodes each JPEG; nothing else."""
+    import webdataset as wds
+    from PIL import Image
+
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        yield 1
+
+
+def _draft_decode(urls: list[str], image_size: int) -> Any:
+    """The loader's own image work alone (draft decode + resize), for the overhead of text and collate."""
+    import webdataset as wds
+
+    from grit_pipeline.model.data import decode_image
+
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        decode_image(sample["jpg"], image_size)
+        yield 1
+
+
+def _loader(shard_dir: str, image_size: int, batch_size: int) -> Any:
+    """The trainer's ShardStream in-process (one worker): batches of model inputs."""
+    from grit_pipeline.model.data import DataConfig, SampleEncoder, ShardStream, list_shards
+    from grit_pipeline.model.tokenizer import build_tokenizer
+    from grit_pipeline.model.train import caption_texts
+
+    config = DataConfig(shards=shard_dir, batch_size=batch_size, num_workers=0, shuffle_buffer=500)
+    tokenizer = _tokenizer_cache.get(shard_dir) or build_tokenizer(caption_texts(shard_dir, 5000), vocab_size=2000)
+    _tokenizer_cache[shard_dir] = tokenizer
+    urls, sizes = list_shards(shard_dir)
+    stream = ShardStream(urls, sizes, SampleEncoder(tokenizer, image_size, config), config)
+    for batch in stream:
+        yield int(batch["input_ids"].shape[0])
+
+
+_tokenizer_cache: dict[str, Any] = {}
+
+
+def _synthetic_shards(folder: Path, samples: int, source_size: int) -> Path:
+    """Synthetic scenes written as build-layout shards (bounded count: they are re-read in a loop)."""
+    from grit_pipeline.model.scene_shards import write_scene_shards
+    from grit_pipeline.synthetic import generate_scenes
+
+    scenes = generate_scenes(min(samples, 1000), seed=0, size=(source_size, source_size))
+    return write_scene_shards(scenes, folder, per_shard=250)
