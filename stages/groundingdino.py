@@ -266,23 +266,39 @@ class GroundingDinoGrounder:
         return result
 
     def _run_passes(self, batch: Sequence[GroundingRequest], plans: dict[int, PromptPlan]) -> dict[int, list]:
-        """Run every text pass, several per forward, and collect each request's candidate boxes."""
+        """Run every text pass, several per forward, and collect each request's candidate boxes.
+
+        A helper thread prepares the next forward's inputs (image resizing, padding, host-to-device copy)
+        while the current forward runs, so preprocessing hides behind the model instead of adding to it.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         candidates: dict[int, list[PhraseBox]] = {index: [] for index in plans}
         items = [(index, text_pass) for index, plan in plans.items() for text_pass in plan.passes]
-        for chunk in _chunks(items, self.config.batch_size):
-            images = [batch[index].image for index, _ in chunk]
-            probs, boxes = self.forward(images, [text_pass.input_ids for _, text_pass in chunk])
-            for row, (index, text_pass) in enumerate(chunk):
-                length = len(text_pass.input_ids)
-                candidates[index].extend(
-                    assign_boxes(
-                        probs[row, :, :length],
-                        boxes[row],
-                        text_pass.phrase_tokens,
-                        text_pass.phrase_ids,
-                        min_score=self._box_filter.box_threshold,
+        chunks = list(_chunks(items, self.config.batch_size))
+        if not chunks:
+            return candidates
+
+        def prepare(chunk: list[tuple[int, TextPass]]) -> dict[str, Any]:
+            return self.prepare_inputs([batch[i].image for i, _ in chunk], [p.input_ids for _, p in chunk])
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grit-prep") as pool:
+            upcoming = pool.submit(prepare, chunks[0])
+            for number, chunk in enumerate(chunks):
+                inputs = upcoming.result()
+                if number + 1 < len(chunks):
+                    upcoming = pool.submit(prepare, chunks[number + 1])
+                probs, boxes = self.forward_inputs(inputs)
+                for row, (index, text_pass) in enumerate(chunk):
+                    candidates[index].extend(
+                        assign_boxes(
+                            probs[row, :, : len(text_pass.input_ids)],
+                            boxes[row],
+                            text_pass.phrase_tokens,
+                            text_pass.phrase_ids,
+                            min_score=self._box_filter.box_threshold,
+                        )
                     )
-                )
         return candidates
 
     def prepare_inputs(self, images: Sequence[Any], token_ids: Sequence[list[int]]) -> dict[str, Any]:
@@ -303,13 +319,20 @@ class GroundingDinoGrounder:
             "attention_mask": attention_mask,
             "token_type_ids": torch.zeros_like(input_ids),
         }
-        return {name: tensor.to(self.device, non_blocking=True) for name, tensor in inputs.items()}
+        on_cuda = self.device.startswith("cuda")
+        return {
+            name: (tensor.pin_memory() if on_cuda else tensor).to(self.device, non_blocking=True)
+            for name, tensor in inputs.items()
+        }
 
     def forward(self, images: Sequence[Any], token_ids: Sequence[list[int]]) -> tuple[Any, Any]:
         """Token probabilities (batch, queries, tokens) and corner boxes (batch, queries, 4) as numpy."""
+        return self.forward_inputs(self.prepare_inputs(images, token_ids))
+
+    def forward_inputs(self, inputs: dict[str, Any]) -> tuple[Any, Any]:
+        """The model on prepared inputs; sigmoid token probabilities and corner boxes as numpy arrays."""
         import torch
 
-        inputs = self.prepare_inputs(images, token_ids)
         with torch.inference_mode(), self._autocast():
             outputs = self.model(**inputs)
             probs = outputs.logits.float().sigmoid()
