@@ -205,10 +205,11 @@ def tar_members(samples: Sequence[OutputSample]) -> list[tuple[str, bytes]]:
 
 
 def write_metadata(path: Path, samples: Sequence[OutputSample]) -> None:
-    """The shard's parquet: one row per input sample, in input order, atomically."""
+    """The shard's parquet: one row per input sample, in key order (which is input order), atomically."""
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist([s.metadata_row() for s in samples], schema=METADATA_SCHEMA)
+    rows = [s.metadata_row() for s in sorted(samples, key=lambda s: s.key)]
+    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 

