@@ -121,6 +121,8 @@ def list_shards(shards: str | Path) -> tuple[list[str], dict[str, int] | None]:
     import braceexpand
 
     path = Path(shards)
+    if "{" not in str(shards) and not path.exists():
+        raise FileNotFoundError(f"no shards at {shards}")
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
         sizes_file = next((f for f in (path / "sizes.json", path.parent / "sizes.json") if f.exists()), None)

@@ -35,6 +35,9 @@ class E2EConfig:
     lr: float = 1e-3
     warmup_steps: int = 100
     grounded_prob: float = 0.8
+    # Phrase mode grounds every shape's own noun chunk; expression mode grounds "a red square above a blue
+    # circle" as one expression (GRIT's semantics), which leaves the second shape without a box.
+    span_mode: str = "phrase"
     time_budget_s: float = 420.0
     seed: int = 0
     margin: float = 0.15  # the model's mean IoU must beat the baseline's by at least this much
@@ -100,10 +103,11 @@ def build_shards(config: E2EConfig, work: Path) -> tuple[Path, str]:
     if _has_build_command():
         captions = write_scene_folder(scenes, work / "input")
         out = work / "build"
-        command = [sys.executable, "-m", "grit_pipeline.cli", "build", "--input", str(captions),
-                   "--out", str(out), "--grounder", "annotation"]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        return out / "shards", "grit build --grounder annotation"
+        grit = str(Path(sys.executable).with_name("grit"))
+        command = [grit, "build", str(captions.parent), "--out", str(out), "--grounder", "annotations",
+                   "--runner", "local", "--samples-per-shard", "500"]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return out / "shards", "grit build --grounder annotations --runner local"
     from grit_pipeline.model.scene_shards import write_scene_shards
 
     return write_scene_shards(scenes, work / "build", per_shard=500), "scene_shards (grit build unavailable)"
@@ -122,7 +126,8 @@ def train_tiny(config: E2EConfig, shards: Path, run_dir: Path) -> Any:
     from grit_pipeline.model.train import TrainConfig, train
 
     data = DataConfig(shards=str(shards), batch_size=config.batch_size, num_workers=1, seed=config.seed,
-                      shuffle_buffer=500, grounded_prob=config.grounded_prob)
+                      shuffle_buffer=500, grounded_prob=config.grounded_prob,
+                      span_mode=config.span_mode)
     train_config = TrainConfig(out=str(run_dir), data=data, preset="tiny", steps=config.steps, lr=config.lr,
                                warmup_steps=config.warmup_steps, checkpoint_every=config.steps, vocab_size=1000,
                                seed=config.seed, time_budget_s=config.time_budget_s, progress=sys.stderr.isatty())
