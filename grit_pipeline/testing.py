@@ -76,9 +76,13 @@ def tiny_grounding_dino_config(num_queries: int = 30, image_size: int = 64):  # 
 
 
 def build_tiny_grounding_dino(
-    path: str | Path, *, num_queries: int = 30, shortest_edge: int = 64, longest_edge: int = 96, seed: int = 0
+    path: str | Path, *, num_queries: int = 30, shortest_edge: int = 96, longest_edge: int = 128, seed: int = 0
 ) -> Path:
-    """Save a random-weight tiny GroundingDINO with its tokenizer and image processor to `path`."""
+    """Save a random-weight tiny GroundingDINO with its tokenizer and image processor to `path`.
+
+    Images are resized to a shortest edge of at least 96 px: below that the extra (stride-64) feature level
+    is 1x1 and GroupNorm fails on a batch of one.
+    """
     import torch
     from transformers import BertTokenizer, GroundingDinoForObjectDetection
     from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (

@@ -1,0 +1,252 @@
+"""The GroundingDINO grounder on a tiny random-weight model built here, loaded like a real checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from grit_pipeline.cli import main
+from grit_pipeline.records import DropReason, GritRecord, Span
+from grit_pipeline.stages.grounding import GroundingRequest
+from grit_pipeline.stages.groundingdino import (
+    DetectorUnavailableError,
+    GroundingConfig,
+    GroundingDinoGrounder,
+    load_detector,
+)
+from grit_pipeline.stages.text import Phrase
+from grit_pipeline.testing import build_tiny_grounding_dino
+
+NUM_QUERIES = 30
+
+
+@pytest.fixture(scope="module")
+def tiny_detector(tmp_path_factory) -> str:
+    """A tiny GroundingDINO saved with save_pretrained (model, tokenizer, image processor)."""
+    return str(build_tiny_grounding_dino(tmp_path_factory.mktemp("tiny-gdino"), num_queries=NUM_QUERIES))
+
+
+@pytest.fixture(scope="module")
+def keep_all(tiny_detector) -> GroundingDinoGrounder:
+    """Threshold 0 and no NMS: every predicted box survives, which exposes the assignment."""
+    return GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0, nms_iou=None,
+                                                 batch_size=4))
+
+
+def _phrases(caption: str, *chunks: str) -> list[Phrase]:
+    phrases, start = [], 0
+    for chunk in chunks:
+        begin = caption.index(chunk, start)
+        start = begin + len(chunk)
+        phrases.append(Phrase(Span(begin, start), Span(begin, start), chunk.split()[-1]))
+    return phrases
+
+
+def _image(width: int, height: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _request(caption: str, phrases: list[Phrase], image: Image.Image | None, key: str = "k") -> GroundingRequest:
+    return GroundingRequest(key=key, caption=caption, phrases=phrases, image=image)
+
+
+def test_loads_through_the_real_checkpoint_path(tiny_detector):
+    model, tokenizer, image_processor = load_detector(GroundingConfig(detector=tiny_detector))
+    assert type(model).__name__ == "GroundingDinoForObjectDetection"
+    assert tokenizer.convert_tokens_to_ids(".") == 1012 and tokenizer.cls_token_id == 101
+    assert type(image_processor).__name__ == "GroundingDinoImageProcessorPil"
+
+
+def test_every_predicted_box_goes_to_exactly_one_phrase(keep_all):
+    caption = "a dog in a field of flowers"
+    (result,) = keep_all.ground([_request(caption, _phrases(caption, "a dog", "a field", "flowers"), _image(80, 60, 0))])
+    kept = sum(len(boxes) for boxes in result.boxes)
+    assert kept + result.dropped[DropReason.DEGENERATE_BOX] == NUM_QUERIES
+    assert result.info["text_passes"] == 1
+    for boxes in result.boxes:
+        assert all(b.box.is_valid() and 0.0 <= b.score <= 1.0 for b in boxes)
+
+
+def test_repeated_chunk_texts_share_their_boxes(keep_all):
+    caption = "a dog and a cat and a dog"
+    (result,) = keep_all.ground([_request(caption, _phrases(caption, "a dog", "a cat", "a dog"), _image(64, 64, 1))])
+    assert result.boxes[0] == result.boxes[2]
+    assert result.info["repeated_phrases"] == 1
+    kept = len(result.boxes[0]) + len(result.boxes[1])
+    assert kept + result.dropped[DropReason.DEGENERATE_BOX] == NUM_QUERIES
+
+
+def test_long_captions_are_split_into_passes_within_256_tokens(keep_all):
+    words = "dog cat man woman tree car house table chair boat bird horse ball shirt hat cup".split()
+    chunks = [f"the {a} {b}" for a in words for b in words[:6]][:90]  # 90 distinct chunks, about 360 tokens
+    caption = " and ".join(chunks)
+    phrases = _phrases(caption, *chunks)
+    plans = keep_all.plan(_request(caption, phrases, None))
+    assert len(plans.passes) >= 2
+    assert all(len(p.input_ids) <= 256 for p in plans.passes)
+    (result,) = keep_all.ground([_request(caption, phrases, _image(64, 48, 2))])
+    kept = sum(len(b) for b in result.boxes)
+    assert result.info["text_passes"] == len(plans.passes)
+    assert kept + result.dropped[DropReason.DEGENERATE_BOX] == NUM_QUERIES * len(plans.passes)
+
+
+def test_same_result_batched_or_alone_for_same_size_images(tiny_detector):
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.3, batch_size=8))
+    caption = "a man with a hat"
+    phrases = _phrases(caption, "a man", "a hat")
+    requests = [_request(caption, phrases, _image(72, 56, seed), key=str(seed)) for seed in range(3)]
+    together = grounder.ground(requests)
+    alone = [grounder.ground([r])[0] for r in requests]
+    for a, b in zip(together, alone, strict=True):
+        assert [len(x) for x in a.boxes] == [len(x) for x in b.boxes]
+        for boxes_a, boxes_b in zip(a.boxes, b.boxes, strict=True):
+            for x, y in zip(boxes_a, boxes_b, strict=True):
+                assert x.score == pytest.approx(y.score, abs=1e-4)
+                assert x.box.as_tuple() == pytest.approx(y.box.as_tuple(), abs=1e-4)
+
+
+def test_mixed_sizes_share_a_padded_forward(tiny_detector):
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0, batch_size=8))
+    caption = "a cat on a bed"
+    phrases = _phrases(caption, "a cat", "a bed")
+    requests = [_request(caption, phrases, _image(w, h, w), key=str(w)) for w, h in ((40, 90), (120, 50), (64, 64))]
+    inputs = grounder.prepare_inputs([r.image for r in requests], [[101, 5, 1012, 102]] * 3)
+    assert inputs["pixel_mask"].shape[0] == 3 and not bool(inputs["pixel_mask"].all())  # padding is masked
+    for result in grounder.ground(requests):
+        assert result.drop_reason is None
+        assert all(b.box.is_valid() for boxes in result.boxes for b in boxes)
+
+
+def test_default_filter_keeps_scores_above_threshold_without_overlaps(tiny_detector):
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector))
+    caption = "two children and a puppy on a red sofa"
+    (result,) = grounder.ground([_request(caption, _phrases(caption, "two children", "a puppy", "a red sofa"),
+                                          _image(96, 64, 5))])
+    kept = [b for boxes in result.boxes for b in boxes]
+    assert all(b.score > 0.65 for b in kept)
+    for i, a in enumerate(kept):
+        for b in kept[i + 1 :]:
+            assert a.box.iou(b.box) <= 0.6 + 1e-9
+
+
+def test_requests_without_image_or_phrases_are_dropped_with_reason(keep_all):
+    caption = "a dog"
+    no_image, no_phrases = keep_all.ground([_request(caption, _phrases(caption, "a dog"), None),
+                                            _request(caption, [], _image(32, 32, 0))])
+    assert no_image.drop_reason is DropReason.IMAGE_MISSING and no_image.boxes == [[]]
+    assert no_phrases.drop_reason is DropReason.NO_NOUN_CHUNKS
+
+
+def test_describe_records_provenance(keep_all, tiny_detector):
+    info = keep_all.describe()
+    assert info["grounder"] == "grounding-dino" and info["detector"] == tiny_detector
+    assert len(info["weights_sha256"]) == 64 and info["device"] == "cpu"
+
+
+def test_missing_model_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DetectorUnavailableError) as info:
+        GroundingDinoGrounder(GroundingConfig(detector="IDEA-Research/grounding-dino-tiny"))
+    message = str(info.value)
+    assert "IDEA-Research/grounding-dino-tiny" in message and "save_pretrained" in message
+    with pytest.raises(DetectorUnavailableError, match="does not exist"):
+        GroundingDinoGrounder(GroundingConfig(detector=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DetectorUnavailableError, match="not a GroundingDINO checkpoint"):
+        GroundingDinoGrounder(GroundingConfig(detector=str(tmp_path / "empty")))
+
+
+# --- the command line -------------------------------------------------------------------------------------
+
+
+def _jpeg(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", **kwargs)
+    return buffer.getvalue()
+
+
+def _write_inputs(root: Path) -> tuple[Path, Path]:
+    images = root / "images"
+    images.mkdir()
+    (images / "plain.jpg").write_bytes(_jpeg(_image(80, 60, 0)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (images / "rotated.jpg").write_bytes(_jpeg(_image(90, 40, 1), exif=exif.tobytes()))
+    (images / "broken.jpg").write_bytes(_jpeg(_image(90, 40, 2))[:300])
+    lines = [
+        json.dumps({"key": "a0", "image": "plain.jpg", "caption": "a dog in a field of flowers", "url": "http://x/a"}),
+        json.dumps({"key": "a1", "image": "rotated.jpg", "caption": "a man with a red hat"}),
+        json.dumps({"key": "a2", "image": "broken.jpg", "caption": "a cat"}),
+        json.dumps({"key": "a3", "image": "missing.jpg", "caption": "a cat"}),
+        "{not json",
+        json.dumps({"key": "a5", "image": "plain.jpg"}),
+        json.dumps({"key": "a6", "image": "../plain.jpg", "caption": "a cat"}),
+    ]
+    captions = root / "captions.jsonl"
+    captions.write_text("\n".join(lines) + "\n")
+    return images, captions
+
+
+def test_grit_ground_prints_grit20m_rows_and_reports_bad_lines(tiny_detector, tmp_path):
+    images, captions = _write_inputs(tmp_path)
+    result = CliRunner().invoke(main, ["ground", str(images), str(captions), "--detector", tiny_detector,
+                                       "--box-threshold", "0.0"])
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["key"] for r in rows] == ["a0", "a1"]
+    records = [GritRecord.from_row(r) for r in rows]
+    assert records[0].url == "http://x/a" and (records[0].width, records[0].height) == (80, 60)
+    assert (records[1].width, records[1].height) == (40, 90)  # EXIF-rotated: boxes refer to upright pixels
+    for record in records:
+        assert record.noun_chunks and len(record.ref_exps) == len(record.noun_chunks)
+        assert all(e.box.is_valid() for e in record.noun_chunks)
+    for key, reason in (("a2", "image_truncated"), ("a3", "image_missing"), ("000000005", "malformed_record"),
+                        ("a5", "caption"), ("a6", "leaves IMAGES_DIR")):
+        assert any(key in line and reason in line for line in result.stderr.splitlines()), (key, result.stderr)
+    summary = json.loads(result.stderr.strip().splitlines()[-1].split("summary: ", 1)[1])
+    assert summary["grounded"] == 2 and summary["malformed_record"] == 3
+
+
+def test_grit_ground_exits_2_without_output_when_the_model_is_missing(tmp_path):
+    images, captions = _write_inputs(tmp_path)
+    result = CliRunner().invoke(main, ["ground", str(images), str(captions), "--offline",
+                                       "--detector", "IDEA-Research/grounding-dino-tiny"])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "IDEA-Research/grounding-dino-tiny" in result.stderr
+
+
+def test_grit_ground_with_annotations(tmp_path):
+    images, _ = _write_inputs(tmp_path)
+    grit_row = {"key": "g0", "image": "plain.jpg", "caption": "a dog in a field",
+                "noun_chunks": [[0, 5, 0.1, 0.1, 0.5, 0.5, 0.9], [9, 16, 0.0, 0.5, 1.0, 1.0, 0.5]],
+                "ref_exps": [[0, 16, 0.1, 0.1, 0.5, 0.5, 0.9], [9, 16, 0.0, 0.5, 1.0, 1.0, 0.5]],
+                "clip_similarity_vitb32": 0.3}
+    coco = {"key": "c0", "image": "plain.jpg", "caption": "a woman with her puppy",
+            "annotations": [{"category": "person", "bbox": [8, 6, 40, 48]}, {"category": "dog", "box": "bad"}]}
+    captions = tmp_path / "annotated.jsonl"
+    captions.write_text(json.dumps(grit_row) + "\n" + json.dumps(coco) + "\n")
+    result = CliRunner().invoke(main, ["ground", str(images), str(captions), "--grounder", "annotations"])
+    assert result.exit_code == 0, result.stderr
+    g0, c0 = (GritRecord.from_row(json.loads(line)) for line in result.stdout.splitlines())
+    assert [(e.span, e.score) for e in g0.ref_exps] == [(Span(0, 16), 0.9)]  # 0.5 is under the threshold
+    assert g0.clip_similarity_vitb32 == 0.3
+    assert [e.span.text(c0.caption) for e in c0.noun_chunks] == ["a woman"]
+    assert c0.noun_chunks[0].box.as_tuple() == pytest.approx((0.1, 0.1, 0.6, 0.9))
+    assert "annotation_malformed_record" in result.stderr
+
+
+def test_bench_detector_reports_both_rates(tiny_detector):
+    from grit_pipeline.commands.ground import run_detector_bench
+
+    report = run_detector_bench(detector=tiny_detector, n_images=4, batch_size=2, device="cpu", repeats=1)
+    assert report["items_per_s"] > 0 and report["baseline_items_per_s"] > 0
+    assert report["ratio"] == pytest.approx(report["items_per_s"] / report["baseline_items_per_s"], rel=0.02)
+    assert report["text_passes"] == 4
