@@ -250,3 +250,14 @@ def test_bench_detector_reports_both_rates(tiny_detector):
     assert report["items_per_s"] > 0 and report["baseline_items_per_s"] > 0
     assert report["ratio"] == pytest.approx(report["items_per_s"] / report["baseline_items_per_s"], rel=0.02)
     assert report["text_passes"] == 4
+
+
+def test_threaded_preprocessing_equals_one_processor_call(tiny_detector):
+    import torch
+
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, preprocess_threads=3))
+    images = [_image(40 + 13 * i, 200 - 21 * i, i) for i in range(7)]
+    expected = grounder.image_processor(images=images, return_tensors="pt")
+    got = grounder.preprocess_images(images)
+    assert torch.equal(got["pixel_values"], expected["pixel_values"])
+    assert torch.equal(got["pixel_mask"], expected["pixel_mask"])
