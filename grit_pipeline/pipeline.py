@@ -54,6 +54,13 @@ class WorkItem:
         """True while no stage has dropped the item."""
         return self.drop_reason is None
 
+    def release_pixels(self) -> None:
+        """Forget the decoded pixels and the input bytes (the writer needs only the stored bytes) so the item
+        pickles small."""
+        if self.decoded is not None:
+            self.decoded.image = None
+        self.sample.image = None
+
     def drop(self, reason: DropReason, message: str | None = None) -> None:
         """Mark the item dropped (the first reason wins)."""
         if self.drop_reason is None:

@@ -1,8 +1,8 @@
 """The Ray runner: the same stages as Ray Data operators, streaming samples from shard reads to the driver.
 
 `ray.init()` starts an embedded local cluster unless `--ray-address` (or RAY_ADDRESS) names one to attach
-to. Reading, decoding and expand/serialise are tasks; spaCy and the grounder are actor pools, so models
-load once per worker; the grounder asks for `gpus_per_grounder` GPUs (0 on CPU). Rows carry one
+to. Reading is a task per shard; the stages run in actor pools, so
+models load once per worker (see `build_dataset` for the layout with and without a GPU grounder); the grounder asks for `gpus_per_grounder` GPUs (0 on CPU). Rows carry one
 pickled `WorkItem` (or a `ShardHeader`) each; the driver regroups them by shard and hands complete shards
 to the sink, so OUT is written by one process. Dead tasks and actors are retried by Ray (Ray Data's defaults: a
 task whose worker dies is resubmitted, an actor that dies is restarted and its batch retried); if the
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 _CHEAP_CPU = 0.1
 _STAGES: dict[str, Any] = {"decode": DecodeStage, "phrases": PhraseStage, "ground": GroundStage,
                            "expand": ExpandStage, "serialize": SerializeStage}
+ALL_STAGES = tuple(_STAGES)
 
 
 def init_ray(address: str | None) -> None:
@@ -71,6 +72,9 @@ class StageWorker:
         items = [row for row in rows if isinstance(row, WorkItem)]
         for stage in self.stages:
             run_stage(stage, items)
+        if any(isinstance(stage, GroundStage) for stage in self.stages):
+            for item in items:
+                item.release_pixels()  # later stages and the writer need the stored bytes, not the pixels
         return {"item": np.array([pickle.dumps(row) for row in rows], dtype=object)}
 
 
@@ -80,28 +84,31 @@ def run_stages_task(batch: dict[str, Any], config: dict[str, Any], names: Sequen
 
 
 def build_dataset(config: BuildConfig, shards: Sequence[tuple[int, InputShard]]) -> Any:
-    """The Ray Data pipeline: read+decode tasks -> spaCy actors -> grounder actors -> expand+serialise tasks.
+    """The Ray Data pipeline over the pending shards.
 
-    Cheap tasks ask for a tenth of a CPU, so the model stages' actors (which hold their CPUs) never starve
-    them on a small machine; spaCy actors scale up to the cores left by the grounder.
+    With a GPU grounder: read tasks -> CPU actors (decode, spaCy) -> GPU actors (ground) -> CPU tasks
+    (expand, serialise), so the detector is fed by as many CPU workers as the machine has. Without one, the
+    grounder is a CPU stage like the others and all stages run in one CPU actor pool, one actor per core:
+    the rows are then pickled once per sample instead of once per stage. Read tasks ask for a tenth of a
+    CPU, and the actors leave that much free, so that reading never starves.
     """
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    grounder_cpus = 1.0 if config.gpus_per_grounder or config.grounder != "annotations" else _CHEAP_CPU
     config_dict = config.to_dict()
     items = [{"index": index, "shard": pickle.dumps(shard)} for index, shard in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.flat_map(read_rows, fn_kwargs={"key_digits": config.key_digits}, num_cpus=_CHEAP_CPU)
     common: dict[str, Any] = {"batch_size": config.batch_size, "batch_format": "numpy"}
-    ds = ds.map_batches(run_stages_task, fn_kwargs={"config": config_dict, "names": ("decode",)},
-                        num_cpus=_CHEAP_CPU, **common)
-    phrase_workers = max(1, cpus - int(grounder_cpus * config.grounder_workers))
-    ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("phrases",)), num_cpus=1,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=phrase_workers), **common)
+    actor_cpus = max(_CHEAP_CPU, (cpus - 2 * _CHEAP_CPU) / cpus)
+    if not config.gpus_per_grounder:
+        return ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ALL_STAGES), num_cpus=actor_cpus,
+                              compute=ray.data.ActorPoolStrategy(size=cpus), **common)
+    ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("decode", "phrases")), num_cpus=actor_cpus,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=cpus), **common)
     ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("ground",)),
                         compute=ray.data.ActorPoolStrategy(size=config.grounder_workers),
-                        num_gpus=config.gpus_per_grounder, num_cpus=grounder_cpus, **common)
+                        num_gpus=config.gpus_per_grounder, num_cpus=_CHEAP_CPU, **common)
     return ds.map_batches(run_stages_task, fn_kwargs={"config": config_dict, "names": ("expand", "serialize")},
                           num_cpus=_CHEAP_CPU, **common)
 
