@@ -157,7 +157,7 @@ def audit_build(out_dir: str | Path, *, decode_images: bool = True) -> AuditRepo
     try:
         manifest = _read_manifest(out)
     except (OSError, ValueError) as exc:
-        report.findings.append(Finding(Check.MANIFEST, f"cannot read manifest.json: {exc}"))
+        report.findings.append(Finding(Check.MANIFEST, str(exc)))
         return report
     expectations = shard_expectations(manifest)
     options = audit_options(manifest, decode_images=decode_images)
@@ -176,18 +176,10 @@ def audit_build(out_dir: str | Path, *, decode_images: bool = True) -> AuditRepo
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:
-    """The manifest as a dict, through part A's reader when available."""
-    try:
-        from grit_pipeline.manifests.manifest import load_manifest
-    except ImportError:
-        load_manifest = None
-    if load_manifest is not None:
-        loaded = load_manifest(out / "manifest.json")
-        return loaded if isinstance(loaded, dict) else loaded.to_dict()
-    data = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError("manifest.json is not a JSON object")
-    return data
+    """The manifest as a dict (ManifestError, a ValueError, when it is missing or unusable)."""
+    from grit_pipeline.manifests.manifest import load_manifest
+
+    return load_manifest(out / "manifest.json")
 
 
 def shard_expectations(manifest: Mapping[str, Any]) -> dict[str, ShardExpectation]:

@@ -115,14 +115,13 @@ def _shown_sample(
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
-    """The build's manifest.json, or GalleryError."""
+    """The build's manifest, or GalleryError."""
+    from grit_pipeline.manifests.manifest import ManifestError, load_manifest
+
     try:
-        data = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise GalleryError(f"{out_dir} has no readable manifest.json: {exc}") from exc
-    if not isinstance(data, dict):
-        raise GalleryError(f"{out_dir}/manifest.json is not a JSON object")
-    return data
+        return load_manifest(out_dir / "manifest.json")
+    except ManifestError as exc:
+        raise GalleryError(str(exc)) from exc
 
 
 def write_gallery(out_dir: str | Path, html_path: str | Path, count: int = 50) -> int:
@@ -136,8 +135,7 @@ def write_gallery(out_dir: str | Path, html_path: str | Path, count: int = 50) -
         if len(samples) >= count:
             break
         samples.append(sample)
-    shard_rows = shard_table_rows(out, manifest)
-    page = render_page(out.name or str(out), manifest, samples, shard_rows, drop_reason_counts(out, manifest))
+    page = render_page(out.name or str(out), manifest, samples, shard_table_rows(out, manifest))
     write_bytes_atomic(html_path, page.encode("utf-8"))
     return len(samples)
 
@@ -150,49 +148,30 @@ class ShardRow:
     status: str
     inputs: int | None
     kept: int | None
+    spans: int | None
     bytes: int | None
     sha256: str | None
+    drop_reasons: dict[str, int]
 
 
 def shard_table_rows(out: Path, manifest: Mapping[str, Any]) -> list[ShardRow]:
-    """Per shard: status, input and kept counts (from the shard's parquet), size and sha256."""
+    """Per shard, from its manifest entry: status, input/kept/span counts, size, sha256 and drop reasons."""
     rows = []
-    for name, expectation in sorted(shard_expectations(manifest).items()):
-        statuses = _parquet_statuses(out / "shards" / name.replace(".tar", ".parquet"))
-        inputs = sum(statuses.values()) if statuses is not None else None
-        kept = statuses.get("kept", 0) if statuses is not None else expectation.samples
-        status = (
-            "failed"
-            if expectation.failed
-            else ("complete" if (out / "shards" / name).is_file() else "missing")
-        )
-        rows.append(ShardRow(name, status, inputs, kept, expectation.bytes, expectation.sha256))
+    for entry in manifest.get("shards", []):
+        counts = entry.get("counts") or {}
+        tar = str(entry.get("tar") or f"{entry.get('name')}.tar")
+        status = str(entry.get("status", "complete"))
+        if status == "complete" and not (out / "shards" / tar).is_file():
+            status = "missing"
+        rows.append(ShardRow(tar, status, counts.get("input"), counts.get("kept"), counts.get("spans"),
+                             entry.get("bytes"), entry.get("sha256"), dict(entry.get("drop_reasons") or {})))  # fmt: skip
     return rows
 
 
-def _parquet_statuses(path: Path) -> Counter[str] | None:
-    """Counts of the `status` column of a shard's metadata parquet, or None when it cannot be read."""
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path, columns=["status"])
-    except (OSError, ValueError, KeyError):
-        return None
-    return Counter(str(v) for v in table.column("status").to_pylist())
-
-
-def drop_reason_counts(out: Path, manifest: Mapping[str, Any]) -> Counter[str]:
-    """Why input samples were dropped, summed over shards (from the parquets' drop_reason column)."""
-    import pyarrow.parquet as pq
-
-    counts: Counter[str] = Counter()
-    for name in shard_expectations(manifest):
-        try:
-            table = pq.read_table(out / "shards" / name.replace(".tar", ".parquet"), columns=["drop_reason"])
-        except (OSError, ValueError, KeyError):
-            continue
-        counts.update(str(v) for v in table.column("drop_reason").to_pylist() if v)
-    return counts
+def drop_reason_counts(manifest: Mapping[str, Any], field_name: str = "drop_reasons") -> Counter[str]:
+    """Why samples (`drop_reasons`) or spans (`span_drop_reasons`) were dropped, from the manifest totals."""
+    totals = manifest.get("totals") or {}
+    return Counter({str(k): int(v) for k, v in (totals.get(field_name) or {}).items()})
 
 
 _STYLE = """
@@ -216,7 +195,6 @@ def render_page(
     manifest: Mapping[str, Any],
     samples: Sequence[ShownSample],
     shard_rows: Sequence[ShardRow],
-    drops: Counter[str],
 ) -> str:
     """The whole HTML document."""
     parts = [
@@ -231,8 +209,10 @@ def render_page(
         "</div>",
         "<h2>Shards</h2>",
         _shard_table_html(shard_rows),
-        "<h2>Drop reasons</h2>",
-        drop_chart_svg(drops),
+        "<h2>Dropped samples, by reason</h2>",
+        drop_chart_svg(drop_reason_counts(manifest, "drop_reasons"), nothing="No sample was dropped."),
+        "<h2>Dropped spans and boxes of kept samples, by reason</h2>",
+        drop_chart_svg(drop_reason_counts(manifest, "span_drop_reasons"), nothing="No span was dropped."),
         "</body></html>",
     ]
     return "\n".join(parts)
@@ -318,15 +298,15 @@ def highlight_caption(caption: str, entities: Sequence[ShownEntity]) -> str:
 
 def _shard_table_html(rows: Sequence[ShardRow]) -> str:
     """The per-shard table."""
-    header = "<tr><th>shard</th><th>status</th><th>inputs</th><th>kept</th><th>kept %</th><th>MB</th><th>sha256</th></tr>"
-    lines = [header]
+    names = ("shard", "status", "inputs", "kept", "kept %", "spans", "MB", "sha256", "drop reasons")
+    lines = ["<tr>" + "".join(f"<th>{n}</th>" for n in names) + "</tr>"]
     for row in rows:
         ratio = f"{100 * row.kept / row.inputs:.1f}" if row.inputs and row.kept is not None else ""
         size = f"{row.bytes / 1e6:.2f}" if row.bytes is not None else ""
-        lines.append(
-            f"<tr><td>{html.escape(row.name)}</td><td>{row.status}</td><td>{_blank(row.inputs)}</td>"
-            f"<td>{_blank(row.kept)}</td><td>{ratio}</td><td>{size}</td><td><code>{(row.sha256 or '')[:12]}</code></td></tr>"
-        )
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(row.drop_reasons.items(), key=lambda kv: -kv[1]))
+        cells = (html.escape(row.name), html.escape(row.status), _blank(row.inputs), _blank(row.kept), ratio,
+                 _blank(row.spans), size, f"<code>{html.escape((row.sha256 or '')[:12])}</code>", html.escape(reasons))  # fmt: skip
+        lines.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "<table>" + "".join(lines) + "</table>"
 
 
@@ -334,10 +314,10 @@ def _blank(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
-def drop_chart_svg(counts: Counter[str], bar_width: int = 360) -> str:
+def drop_chart_svg(counts: Counter[str], nothing: str = "Nothing was dropped.", bar_width: int = 360) -> str:
     """A horizontal bar chart of drop reasons as inline SVG (no scripts, no network)."""
     if not counts:
-        return "<p>No sample was dropped.</p>"
+        return f"<p>{html.escape(nothing)}</p>"
     items = counts.most_common()
     top = items[0][1]
     row_height, label_width = 22, 220

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -12,8 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from grit_pipeline.manifests.audit import Check, audit_build
-from grit_pipeline.stages.serialize import serialize_record
-from grit_pipeline.synthetic import generate_scenes
+from grit_pipeline.synthetic import generate_scenes, write_scene_folder
 
 SHARDS, PER_SHARD = 2, 4
 
@@ -24,40 +24,23 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_layout(out: Path, shards: int = SHARDS, per_shard: int = PER_SHARD) -> Path:
-    """A small output in the `grit build` layout, from synthetic scenes (real tars, parquet and manifest)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def run_small_build(root: Path, shards: int = SHARDS, per_shard: int = PER_SHARD) -> Path:
+    """A real `grit build` (local runner, annotation grounder) of synthetic scenes; returns the output folder."""
+    from grit_pipeline.build import run_build
+    from grit_pipeline.commands.build import make_config
 
-    scenes = generate_scenes(shards * per_shard, seed=11)
-    (out / "shards").mkdir(parents=True)
-    entries, sizes = [], {}
-    for shard in range(shards):
-        name = f"{shard:05d}"
-        rows = []
-        with tarfile.open(out / "shards" / f"{name}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-            for index, scene in enumerate(scenes[shard * per_shard : (shard + 1) * per_shard]):
-                key = f"{shard:05d}{index:04d}"
-                record = scene.to_record()
-                record.key = key
-                image = io.BytesIO()
-                scene.image.save(image, format="JPEG", quality=90)
-                _add(tar, f"{key}.jpg", image.getvalue())
-                _add(tar, f"{key}.json", json.dumps(record.to_row() | {"source_key": scene.key}).encode())
-                _add(tar, f"{key}.txt", serialize_record(record).text.encode())
-                rows.append({"key": key, "source_key": scene.key, "status": "kept", "drop_reason": None})
-        pq.write_table(pa.Table.from_pylist(rows), out / "shards" / f"{name}.parquet")
-        (out / "shards" / f"{name}_stats.json").write_text(json.dumps({"kept": per_shard}))
-        data = (out / "shards" / f"{name}.tar").read_bytes()
-        entries.append(
-            {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "counts": {"kept": per_shard}}
-        )
-        sizes[f"{name}.tar"] = per_shard
-    (out / "sizes.json").write_text(json.dumps(sizes))
-    manifest = {"config": {"serialize": {"format": "hf", "mode": "expression", "grid": 32, "sanitize": "escape"}},
-                "shards": entries}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
+    scenes = write_scene_folder(generate_scenes(shards * per_shard, seed=11), root / "scenes").parent
+    config = make_config((str(scenes),), str(root / "out"), grounder="annotations", detector=None,
+                         box_threshold=None, nms_iou=None, spacy_model=None, mode="expression",
+                         gpus_per_grounder=0.0, runner="local", samples_per_shard=per_shard)
+    result = run_build(config, stream=io.StringIO())
+    assert result.ok and result.manifest["totals"]["kept"] == shards * per_shard
+    return root / "out"
+
+
+def _keys(out: Path, shard: str) -> list[str]:
+    with tarfile.open(out / "shards" / f"{shard}.tar") as tar:
+        return sorted({m.name.split(".")[0] for m in tar.getmembers()})
 
 
 def _rewrite_sample(out: Path, shard: str, key: str, edit) -> None:
@@ -70,6 +53,12 @@ def _rewrite_sample(out: Path, shard: str, key: str, edit) -> None:
             if member.name == f"{key}.json":
                 data = json.dumps(edit(json.loads(data))).encode()
             _add(tar, member.name, data)
+    _refresh_manifest(out, shard)
+
+
+def _refresh_manifest(out: Path, shard: str) -> None:
+    """Record a rewritten tar's sha256 and size in the manifest, so only the content checks can object."""
+    path = out / "shards" / f"{shard}.tar"
     manifest = json.loads((out / "manifest.json").read_text())
     for entry in manifest["shards"]:
         if entry["name"] == shard:
@@ -78,9 +67,15 @@ def _rewrite_sample(out: Path, shard: str, key: str, edit) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest))
 
 
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_small_build(tmp_path_factory.mktemp("audit"))
+
+
 @pytest.fixture
-def built(tmp_path: Path) -> Path:
-    return write_layout(tmp_path / "out")
+def built(pristine: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the module's build, free to corrupt."""
+    return Path(shutil.copytree(pristine, tmp_path / "out"))
 
 
 def _checks(out: Path) -> set[Check]:
@@ -120,12 +115,13 @@ def test_span_outside_caption_is_found(built: Path) -> None:
         row["ref_exps"][0][1] = len(row["caption"]) + 5.0
         return row
 
-    _rewrite_sample(built, "00000", "000000002", push_span_out)
+    key = _keys(built, "00000")[2]
+    _rewrite_sample(built, "00000", key, push_span_out)
     findings = audit_build(built).findings
-    assert {f.check for f in findings} >= {Check.SPAN_IN_CAPTION}
-    assert Check.SCHEMA not in {f.check for f in findings}
+    assert Check.SPAN_IN_CAPTION in {f.check for f in findings}
+    assert Check.SCHEMA not in {f.check for f in findings}  # one problem, one finding
     span_finding = next(f for f in findings if f.check is Check.SPAN_IN_CAPTION)
-    assert (span_finding.shard, span_finding.key) == ("00000.tar", "000000002")
+    assert (span_finding.shard, span_finding.key) == ("00000.tar", key)
     assert "ref_exps[0]" in span_finding.message
 
 
@@ -135,7 +131,7 @@ def test_text_that_does_not_match_the_json_is_found(built: Path) -> None:
             entry[2:6] = [0.0, 0.0, 0.5, 0.5]
         return row
 
-    _rewrite_sample(built, "00001", "000010001", move_box)
+    _rewrite_sample(built, "00001", _keys(built, "00001")[1], move_box)
     assert _checks(built) == {Check.TEXT_MATCHES_JSON, Check.TEXT_PARSES}
 
 
@@ -144,38 +140,50 @@ def test_invalid_box_and_bad_schema_are_found(built: Path) -> None:
         row["noun_chunks"][0][2], row["noun_chunks"][0][4] = 0.9, 0.1
         return row
 
-    _rewrite_sample(built, "00000", "000000001", flip_box)
-    _rewrite_sample(built, "00000", "000000003", lambda row: row | {"width": "wide"})
-    checks = _checks(built)
-    assert {Check.BOX_VALID, Check.SCHEMA} <= checks
+    keys = _keys(built, "00000")
+    _rewrite_sample(built, "00000", keys[1], flip_box)
+    _rewrite_sample(built, "00000", keys[3], lambda row: row | {"width": "wide"})
+    findings = audit_build(built).findings
+    assert (Check.BOX_VALID, keys[1]) in {(f.check, f.key) for f in findings}
+    assert (Check.SCHEMA, keys[3]) in {(f.check, f.key) for f in findings}
 
 
 def test_duplicate_key_across_shards_and_missing_member(built: Path) -> None:
-    manifest = json.loads((built / "manifest.json").read_text())
-    path = built / "shards" / "00001.tar"
+    first_key = _keys(built, "00000")[0]
     with tarfile.open(built / "shards" / "00000.tar") as tar:
-        first = {m.name: tar.extractfile(m).read() for m in tar.getmembers()[:3]}
-    with tarfile.open(path, "a") as tar:
+        first = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.startswith(first_key + ".")}
+    with tarfile.open(built / "shards" / "00001.tar", "a") as tar:
         for name, data in first.items():
             if not name.endswith(".txt"):
                 _add(tar, name, data)
-    data = path.read_bytes()
-    manifest["shards"][1].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-    (built / "manifest.json").write_text(json.dumps(manifest))
+    _refresh_manifest(built, "00001")
     findings = audit_build(built).findings
     assert {f.check for f in findings} == {Check.KEY_UNIQUE, Check.SAMPLE_FILES, Check.SHARD_COUNT}
-    assert all(f.key == "000000000" for f in findings if f.check is not Check.SHARD_COUNT)
+    assert all(f.key == first_key for f in findings if f.check is not Check.SHARD_COUNT)
 
 
 def test_undecodable_image_is_found(built: Path) -> None:
+    key = _keys(built, "00000")[0]
     path = built / "shards" / "00000.tar"
     with tarfile.open(path) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
-            _add(tar, name, data[:200] if name == "000000000.jpg" else data)
-    findings = [f for f in audit_build(built).findings if f.check is not Check.SHARD_SHA256 and f.check is not Check.SHARD_BYTES]
-    assert [(f.check, f.key) for f in findings] == [(Check.IMAGE_DECODES, "000000000")]
+            _add(tar, name, data[:200] if name == f"{key}.jpg" else data)
+    _refresh_manifest(built, "00000")
+    assert [(f.check, f.key) for f in audit_build(built).findings] == [(Check.IMAGE_DECODES, key)]
+
+
+def test_failed_shard_and_wrong_sizes_json_are_found(built: Path) -> None:
+    manifest = json.loads((built / "manifest.json").read_text())
+    manifest["shards"][1] = {"name": "00001", "tar": "00001.tar", "status": "failed", "error": "worker died"}
+    (built / "manifest.json").write_text(json.dumps(manifest))
+    (built / "shards" / "00001.tar").unlink()
+    sizes = json.loads((built / "sizes.json").read_text())
+    (built / "sizes.json").write_text(json.dumps(sizes | {"00000.tar": 99}))
+    findings = audit_build(built).findings
+    assert [(f.check, f.shard) for f in findings] == [(Check.SHARD_FAILED, "00001.tar"), (Check.SIZES_JSON, "00000.tar")]
+    assert "worker died" in findings[0].message
 
 
 def test_manifest_missing_is_a_finding(built: Path) -> None:

@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from grit_pipeline.demo import DemoConfig, run_quietly
 from grit_pipeline.manifests.gallery import PALETTE, find_sample, render_sample_png, write_gallery
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 
 
-def _write_layout(out: Path) -> Path:
-    """The small build layout of test_audit (loaded by path: tests are not a package)."""
-    spec = importlib.util.spec_from_file_location("_audit_layout", Path(__file__).with_name("test_audit.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_layout(out)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_layout(tmp_path_factory.mktemp("gallery") / "out")
+    """The demo's build: real photos, synthetic scenes and dropped web noise, through the real `grit build`."""
+    result, log = run_quietly(DemoConfig(out_dir=str(tmp_path_factory.mktemp("gallery") / "demo"),
+                                         synthetic_scenes=6, samples_per_shard=8))  # fmt: skip
+    assert result.ok, log
+    return result.build_dir
+
+
+def _first_keys(out: Path, shard: str = "00000.tar") -> list[str]:
+    with tarfile.open(out / "shards" / shard) as tar:
+        return sorted({m.name.split(".")[0] for m in tar.getmembers()})
 
 
 def _rgb(hex_colour: str) -> tuple[int, int, int]:
@@ -49,9 +51,11 @@ def test_gallery_html_is_self_contained_with_boxes_spans_and_chart(built: Path, 
     assert "<script" not in text and not re.search(r"(src|href)=\"https?://", text)
     first_colour = PALETTE[0]
     assert f'stroke="{first_colour}"' in text and f"border-bottom:3px solid {first_colour}" in text
-    sample = find_sample(built, "000000000")
+    sample = find_sample(built, _first_keys(built)[0])
     assert f">{sample.entities[0].span.text(sample.record.caption)}<sup>1</sup></mark>" in text
-    assert "00001.tar" in text  # the shard table lists every shard
+    assert "00002.tar" in text  # the shard table lists every shard
+    for reason in ("no_noun_chunks", "image_missing", "contained_span"):  # both drop charts
+        assert f'text-anchor="end">{reason}</text>' in text
 
 
 def _chromium() -> str | None:
@@ -86,14 +90,17 @@ def test_gallery_renders_non_blank_in_headless_chromium(built: Path, tmp_path: P
 def test_png_draws_boxes_in_their_colours(built: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    sample = find_sample(built, "000010001")
-    target = render_sample_png(built, "000010001", tmp_path / "one.png", side=400)
+    key = _first_keys(built)[2]  # the coffee photo: five spans, boxes of five colours
+    sample = find_sample(built, key)
+    assert len(sample.entities) >= 3
+    target = render_sample_png(built, key, tmp_path / "one.png", side=400)
     with Image.open(target) as image:
-        assert image.format == "PNG" and image.width == 400 and image.height > 400
+        width, height = 400, round(400 * sample.record.height / sample.record.width)
+        assert image.format == "PNG" and image.width == width and image.height > height
         rgb = image.convert("RGB")
         for entity in sample.entities:
             box = entity.boxes[0][0]
-            x1, y1, x2, y2 = box.to_pixels(400, 400)
+            x1, y1, x2, y2 = box.to_pixels(width, height)
             left_edge_mid = rgb.getpixel((int(x1) + 1, int((y1 + y2) / 2)))
             assert max(abs(a - b) for a, b in zip(left_edge_mid, _rgb(entity.colour), strict=True)) <= 8
 
@@ -106,7 +113,7 @@ def test_inspect_cli_writes_html_and_png_and_rejects_unknown_key(built: Path, tm
     result = runner.invoke(main, ["inspect", str(built), "--n", "3", "--html", str(page)])
     assert result.exit_code == 0, result.output
     assert "3 samples" in result.output and page.read_text().count('<div class="card">') == 3
-    result = runner.invoke(main, ["inspect", str(built), "--png", "000000003", "--png-out", str(png)])
+    result = runner.invoke(main, ["inspect", str(built), "--png", _first_keys(built)[3], "--png-out", str(png)])
     assert result.exit_code == 0, result.output
     assert png.stat().st_size > 1000
     missing = runner.invoke(main, ["inspect", str(built), "--png", "999999999", "--png-out", str(png)])
