@@ -375,10 +375,20 @@ def to_output(item: WorkItem) -> OutputSample:
         error_message=item.error_message,
         image=item.decoded.stored_bytes if kept else None,
         text=item.text if kept else None,
-        provenance={"source": item.source, "grounder": item.grounder},
+        provenance={"source": item.source, "grounder": sample_provenance(item.grounder)},
         n_spans=item.n_spans if kept else 0,
         span_drops=item.span_drops,
     )
+
+
+# Grounder description keys about how it ran, not what it computed: kept in the manifest, not in every
+# sample, so that a resumed run with another batch size or device writes the same bytes.
+_RUN_ONLY_KEYS = frozenset({"batch_size", "device", "preprocess_threads", "autocast_dtype", "local_files_only"})
+
+
+def sample_provenance(description: dict[str, Any]) -> dict[str, Any]:
+    """The grounder's identity for KEY.json: kind, model, revision or weights hash, thresholds."""
+    return {k: v for k, v in description.items() if k not in _RUN_ONLY_KEYS}
 
 
 def _dropped_row(item: WorkItem) -> dict[str, Any]:

@@ -163,3 +163,21 @@ def test_ray_runner_writes_the_same_bytes_as_the_local_runner(tmp_path: Path, in
     for entry_local, entry_ray in zip(local.manifest["shards"], distributed.manifest["shards"], strict=True):
         assert entry_local["sha256"] == entry_ray["sha256"]
     assert local.manifest["config_fingerprint"] == distributed.manifest["config_fingerprint"]
+
+
+def test_grounding_dino_grounder_on_a_tiny_random_detector(tmp_path: Path, inputs) -> None:
+    from grit_pipeline.stages.groundingdino import GroundingConfig
+    from grit_pipeline.testing import build_tiny_grounding_dino
+
+    detector = build_tiny_grounding_dino(tmp_path / "detector")
+    grounding = GroundingConfig(detector=str(detector), box_threshold=0.2, device="cpu")
+    result = run_build(_config([inputs[1]], tmp_path / "out", grounder="grounding-dino", grounding=grounding))
+    assert result.ok
+    grounder = result.manifest["models"]["grounder"]
+    assert grounder["grounder"] == "grounding-dino" and grounder["weights_sha256"]
+    assert result.manifest["totals"]["kept"] > 0
+    assert _audit(tmp_path / "out").ok
+    with tarfile.open(tmp_path / "out" / "shards" / "00000.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".json"))
+        provenance = json.loads(tar.extractfile(member).read())["provenance"]["grounder"]
+    assert provenance["detector"] == str(detector) and "device" not in provenance
