@@ -59,6 +59,13 @@ def test_rerun_replaces_the_previous_demo(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_on_ray(tmp_path: Path) -> None:
-    result, log = run_quietly(DemoConfig(out_dir=str(tmp_path / "demo"), synthetic_scenes=8, runner="ray"))
-    assert result.ok, log
+def test_demo_on_ray_writes_the_same_shards_as_the_local_runner(tmp_path: Path) -> None:
+    def shard_digests(runner: str) -> list[str]:
+        config = DemoConfig(out_dir=str(tmp_path / "demo"), synthetic_scenes=8, runner=runner)
+        result, log = run_quietly(config)
+        assert result.ok, log
+        manifest = json.loads((result.build_dir / "manifest.json").read_text())
+        return [entry["sha256"] for entry in manifest["shards"]]
+
+    on_ray = shard_digests("ray")
+    assert len(on_ray) == 3 and shard_digests("local") == on_ray
