@@ -150,18 +150,24 @@ def test_text_stage_runs_for_captions_without_entries(tmp_path: Path, scenes) ->
     assert result.manifest["totals"]["spans"] >= 2
 
 
-def test_ray_runner_writes_the_same_bytes_as_the_local_runner(tmp_path: Path, inputs) -> None:
+@pytest.mark.parametrize(
+    "gpus_per_grounder",
+    [pytest.param(0.0, id="fused"), pytest.param(1.0, id="grounder-in-gpu-actor-pool", marks=pytest.mark.slow)],
+)
+def test_ray_runner_writes_the_same_bytes_as_the_local_runner(tmp_path: Path, inputs, gpus_per_grounder) -> None:
+    """Both Ray layouts: all stages fused in one CPU pool, and (slow: one Ray start each) the grounder in its
+    own GPU actor pool, on a logical GPU declared to Ray that the annotation grounder never touches."""
     import ray
 
     local = run_build(_config(list(inputs), tmp_path / "local"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        distributed = run_build(_config(list(inputs), tmp_path / "ray", runner="ray"))
+        distributed = run_build(_config(list(inputs), tmp_path / "ray", runner="ray",
+                                        gpus_per_grounder=gpus_per_grounder))
     finally:
         ray.shutdown()
     assert distributed.ok
-    for entry_local, entry_ray in zip(local.manifest["shards"], distributed.manifest["shards"], strict=True):
-        assert entry_local["sha256"] == entry_ray["sha256"]
+    assert [e["sha256"] for e in distributed.manifest["shards"]] == [e["sha256"] for e in local.manifest["shards"]]
     assert local.manifest["config_fingerprint"] == distributed.manifest["config_fingerprint"]
 
 
