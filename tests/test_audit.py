@@ -158,7 +158,8 @@ def test_duplicate_key_across_shards_and_missing_member(built: Path) -> None:
                 _add(tar, name, data)
     _refresh_manifest(built, "00001")
     findings = audit_build(built).findings
-    assert {f.check for f in findings} == {Check.KEY_UNIQUE, Check.SAMPLE_FILES, Check.SHARD_COUNT}
+    # the sample is a second copy of a key, lacks its .txt, and is in no row of shard 1's parquet
+    assert {f.check for f in findings} == {Check.KEY_UNIQUE, Check.SAMPLE_FILES, Check.SHARD_COUNT, Check.SHARD_METADATA}
     assert all(f.key == first_key for f in findings if f.check is not Check.SHARD_COUNT)
 
 
@@ -209,3 +210,27 @@ def test_cli_exit_codes_and_json(built: Path) -> None:
     assert payload["findings"] == [
         {"check": "shard_missing", "shard": "00000.tar", "key": None, "message": "listed in the manifest but not in shards/"}
     ]
+
+
+def test_parquet_that_disagrees_with_the_tar_is_found(built: Path) -> None:
+    import pyarrow.parquet as pq
+
+    path = built / "shards" / "00001.parquet"
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    rows[0]["status"] = "dropped"  # kept in the tar, dropped (and with no reason) in the metadata
+    pq.write_table(table.from_pylist(rows, schema=table.schema), path)
+    findings = [(f.check, f.key, f.message) for f in audit_build(built).findings]
+    key = rows[0]["key"]
+    assert (Check.SHARD_METADATA, None, "00001.parquet sha256 differs from the manifest") in findings
+    assert (Check.SHARD_METADATA, key, "in the tar but not kept in the parquet") in findings
+    assert (Check.SHARD_METADATA, key, "dropped without a drop reason") in findings
+    assert len(findings) == 3
+
+
+def test_image_size_is_checked_on_request(built: Path) -> None:
+    key = _keys(built, "00000")[1]
+    _rewrite_sample(built, "00000", key, lambda row: row | {"width": row["width"] + 1})
+    assert audit_build(built).ok  # by default the recorded size may be the original one
+    findings = audit_build(built, check_image_size=True).findings
+    assert [(f.check, f.key) for f in findings] == [(Check.IMAGE_SIZE, key)]

@@ -13,15 +13,20 @@ import click
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for machines).")
 @click.option("--no-decode", is_flag=True, help="Skip decoding every image (faster; other checks still run).")
+@click.option(
+    "--check-image-size/--no-check-image-size",
+    default=None,
+    help="Require each image's size to equal the .json's width/height (default: as the manifest says).",
+)
 @click.option("--limit", default=200, show_default=True, help="Findings listed in the text report.")
-def audit(out: Path, as_json: bool, no_decode: bool, limit: int) -> None:
+def audit(out: Path, as_json: bool, no_decode: bool, check_image_size: bool | None, limit: int) -> None:
     """Check every shard of OUT against its manifest and every sample against the invariants.
 
     Exits 0 when nothing is found, 1 when any check fails.
     """
     from grit_pipeline.manifests.audit import audit_build
 
-    report = audit_build(out, decode_images=not no_decode)
+    report = audit_build(out, decode_images=not no_decode, check_image_size=check_image_size)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
@@ -32,9 +37,16 @@ def audit(out: Path, as_json: bool, no_decode: bool, limit: int) -> None:
 @click.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--n", "count", default=50, show_default=True, help="Samples shown in the gallery.")
-@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the HTML gallery here.")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the HTML gallery here.",
+)
 @click.option("--png", "png_key", help="Render the sample with this key, boxes and labels, to KEY.png.")
-@click.option("--png-out", type=click.Path(dir_okay=False, path_type=Path), help="Where --png writes (default KEY.png).")
+@click.option(
+    "--png-out", type=click.Path(dir_okay=False, path_type=Path), help="Where --png writes (default KEY.png)."
+)
 def inspect(out: Path, count: int, html_path: Path | None, png_key: str | None, png_out: Path | None) -> None:
     """A static HTML gallery of OUT (images, boxes, highlighted spans, shard stats, drop reasons).
 
