@@ -17,10 +17,11 @@ from grit_pipeline.stages.text import TextConfig
 
 GROUNDER_KINDS = ("grounding-dino", "annotations")
 RUNNERS = ("ray", "local")
-# Fields that change how a run goes, never what it writes: left out of the config fingerprint, so a rerun
-# with another runner or batch size resumes the same output.
-_NOT_FINGERPRINTED = frozenset({"runner", "ray_address", "out_dir", "batch_size", "device", "num_workers",
-                                "progress_interval", "cpus", "gpus_per_grounder", "grounder_workers"})
+# Top-level fields that change where and how a run goes, never what it writes: left out of the config
+# fingerprint, so a rerun on another runner or cluster resumes the same output. Batch sizes stay in: a
+# detector's output can depend on its batch-mates.
+_NOT_FINGERPRINTED = frozenset({"runner", "ray_address", "out_dir", "progress_interval", "gpus_per_grounder",
+                                "grounder_workers"})
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,5 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _strip(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _strip(v) for k, v in data.items() if k not in _NOT_FINGERPRINTED}
-    return data
+def _strip(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in _NOT_FINGERPRINTED}

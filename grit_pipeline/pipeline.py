@@ -396,13 +396,10 @@ def _dropped_row(item: WorkItem) -> dict[str, Any]:
     return {"key": item.key, "caption": item.sample.caption, **meta}
 
 
-def process_items(stages: Sequence[Callable[[list[WorkItem]], list[WorkItem]]], items: list[WorkItem],
-                  batch_size: int) -> list[WorkItem]:
-    """Run `items` through every stage, `batch_size` at a time (the local runner's inner loop)."""
-    out: list[WorkItem] = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        for stage in stages:
-            batch = run_stage(stage, batch)
-        out.extend(batch)
-    return out
+def shard_batches(items: Sequence[WorkItem], batch_size: int) -> list[list[WorkItem]]:
+    """A shard's items in consecutive batches of `batch_size` from its start: the pipeline's batches.
+
+    Every runner uses exactly these batches, so a stage whose output depends on its batch-mates (a
+    detector's padding) computes the same thing wherever and however often it runs.
+    """
+    return [list(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]

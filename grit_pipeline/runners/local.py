@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from grit_pipeline.inputs import InputShard
-from grit_pipeline.pipeline import make_stages, read_shard, run_stage
+from grit_pipeline.pipeline import make_stages, read_shard, run_stage, shard_batches
 
 if TYPE_CHECKING:
     from grit_pipeline.build import Progress, ShardSink
@@ -20,8 +20,7 @@ def run_local(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sin
     for index, shard in shards:
         try:
             header, items = read_shard(index, shard, config.key_digits)
-            for start in range(0, len(items), config.batch_size):
-                batch = items[start : start + config.batch_size]
+            for batch in shard_batches(items, config.batch_size):
                 for stage in stages:
                     run_stage(stage, batch)
                 progress.add(batch)

@@ -28,6 +28,7 @@ from grit_pipeline.pipeline import (
     WorkItem,
     read_shard,
     run_stage,
+    shard_batches,
 )
 
 if TYPE_CHECKING:
@@ -50,11 +51,15 @@ def init_ray(address: str | None) -> None:
              configure_logging=False)
 
 
-def read_rows(row: dict[str, Any], key_digits: int) -> list[dict[str, bytes]]:
-    """Ray flat_map: one input shard -> its header row, then one row per sample."""
+def read_rows(row: dict[str, Any], key_digits: int, batch_size: int) -> list[dict[str, bytes]]:
+    """Ray flat_map: one input shard -> its header row, then one row per batch of `batch_size` samples.
+
+    A row is a whole batch so that every stage sees exactly the batches the local runner makes
+    (`shard_batches`): a detector's output can depend on what it is batched with (padding, kernel choice).
+    """
     index, shard = row["index"], pickle.loads(row["shard"])
     header, items = read_shard(index, shard, key_digits)
-    return [{"item": pickle.dumps(header)}] + [{"item": pickle.dumps(item)} for item in items]
+    return [{"item": pickle.dumps(header)}] + [{"item": pickle.dumps(b)} for b in shard_batches(items, batch_size)]
 
 
 class StageWorker:
@@ -65,16 +70,16 @@ class StageWorker:
         self.stages = [_STAGES[name](built) for name in names]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Unpickle, run the stages on the WorkItems (headers pass through), pickle back."""
+        """Unpickle, run the stages on each batch of WorkItems (headers pass through), pickle back."""
         import numpy as np
 
         rows = [pickle.loads(value) for value in batch["item"]]
-        items = [row for row in rows if isinstance(row, WorkItem)]
-        for stage in self.stages:
-            run_stage(stage, items)
-        if any(isinstance(stage, GroundStage) for stage in self.stages):
-            for item in items:
-                item.release_pixels()  # later stages and the writer need the stored bytes, not the pixels
+        for items in (row for row in rows if isinstance(row, list)):
+            for stage in self.stages:
+                run_stage(stage, items)
+            if any(isinstance(stage, GroundStage) for stage in self.stages):
+                for item in items:
+                    item.release_pixels()  # later stages and the writer need the stored bytes, not the pixels
         return {"item": np.array([pickle.dumps(row) for row in rows], dtype=object)}
 
 
@@ -98,8 +103,9 @@ def build_dataset(config: BuildConfig, shards: Sequence[tuple[int, InputShard]])
     config_dict = config.to_dict()
     items = [{"index": index, "shard": pickle.dumps(shard)} for index, shard in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.flat_map(read_rows, fn_kwargs={"key_digits": config.key_digits}, num_cpus=_CHEAP_CPU)
-    common: dict[str, Any] = {"batch_size": config.batch_size, "batch_format": "numpy"}
+    ds = ds.flat_map(read_rows, fn_kwargs={"key_digits": config.key_digits, "batch_size": config.batch_size},
+                     num_cpus=_CHEAP_CPU)
+    common: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy"}  # one row = one pipeline batch
     actor_cpus = max(_CHEAP_CPU, (cpus - 2 * _CHEAP_CPU) / cpus)
     if not config.gpus_per_grounder:
         return ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ALL_STAGES), num_cpus=actor_cpus,
@@ -113,8 +119,8 @@ def build_dataset(config: BuildConfig, shards: Sequence[tuple[int, InputShard]])
                           num_cpus=_CHEAP_CPU, **common)
 
 
-def iter_results(ds: Any) -> Iterator[ShardHeader | WorkItem]:
-    """Every row of the dataset as its unpickled object, as results stream in."""
+def iter_results(ds: Any) -> Iterator[ShardHeader | list[WorkItem]]:
+    """Every row of the dataset (a shard header or a processed batch), as results stream in."""
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for value in batch["item"]:
             yield pickle.loads(value)
@@ -129,12 +135,13 @@ def run_ray(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sink:
     written: set[int] = set()
     try:
         for row in iter_results(build_dataset(config, shards)):
-            index = row.shard
             if isinstance(row, ShardHeader):
+                index = row.shard
                 headers[index] = row
             else:
-                buffers[index].append(row)
-                progress.add([row])
+                index = row[0].shard
+                buffers[index].extend(row)
+                progress.add(row)
             header = headers.get(index)
             if header is not None and len(buffers[index]) == header.count:
                 sink.write(header, buffers.pop(index))
