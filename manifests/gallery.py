@@ -11,9 +11,13 @@ removed) with the .json's own boxes for them (not the quantised ones).
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
+import itertools
 import json
+import math
+import tarfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,16 +92,46 @@ def _trimmed(span: Span, caption: str) -> Span:
 
 def iter_samples(out_dir: Path) -> Iterator[ShownSample]:
     """Every readable sample of the build, in shard order; unreadable ones are skipped (the audit reports them)."""
-    manifest = read_manifest(out_dir)
-    config = audit_options(manifest).serialize
-    for name in sorted(shard_expectations(manifest)):
-        path = out_dir / "shards" / name
-        if not path.is_file():
-            continue
+    config = audit_options(read_manifest(out_dir)).serialize
+    for path in _shard_paths(out_dir):
+        yield from _iter_shard(path, config)
+
+
+def _shard_paths(out_dir: Path) -> list[Path]:
+    """The tars of the manifest's shards that exist, in shard order."""
+    names = sorted(shard_expectations(read_manifest(out_dir)))
+    return [out_dir / "shards" / name for name in names if (out_dir / "shards" / name).is_file()]
+
+
+def _iter_shard(path: Path, config: SerializeConfig) -> Iterator[ShownSample]:
+    """The readable samples of one tar; a tar that breaks off ends early (the audit reports it)."""
+    try:
         for key, files, _ in iter_tar_samples(path):
-            sample = _shown_sample(name, key, files, config)
+            sample = _shown_sample(path.name, key, files, config)
             if sample is not None:
                 yield sample
+    except (tarfile.TarError, OSError, EOFError):
+        return
+
+
+def pick_samples(out_dir: Path, count: int) -> list[ShownSample]:
+    """Up to `count` samples spread evenly over the shards (the first of each), topped up in build order."""
+    config = audit_options(read_manifest(out_dir)).serialize
+    paths = _shard_paths(out_dir)
+    quota = math.ceil(count / max(1, len(paths)))
+    per_shard: list[list[ShownSample]] = []
+    for path in paths:
+        with contextlib.closing(_iter_shard(path, config)) as samples:
+            per_shard.append(list(itertools.islice(samples, quota)))
+    # round robin, so that cutting at `count` leaves every shard with its share
+    by_rank = (shard[rank] for rank in range(quota) for shard in per_shard if rank < len(shard))
+    picked = list(itertools.islice(by_rank, count))
+    if len(picked) < count:
+        taken = {(s.shard, s.key) for s in picked}
+        with contextlib.closing(iter_samples(out_dir)) as samples:
+            extra = (s for s in samples if (s.shard, s.key) not in taken)
+            picked += itertools.islice(extra, count - len(picked))
+    return sorted(picked, key=lambda s: (s.shard, s.key))
 
 
 def _shown_sample(
@@ -125,16 +159,12 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
 
 
 def write_gallery(out_dir: str | Path, html_path: str | Path, count: int = 50) -> int:
-    """Write the self-contained HTML gallery of the first `count` samples; returns how many are shown."""
+    """Write the self-contained HTML gallery of `count` samples spread over the shards; returns how many."""
     from grit_pipeline.io import write_bytes_atomic
 
     out = Path(out_dir)
     manifest = read_manifest(out)
-    samples = []
-    for sample in iter_samples(out):
-        if len(samples) >= count:
-            break
-        samples.append(sample)
+    samples = pick_samples(out, count)
     page = render_page(out.name or str(out), manifest, samples, shard_table_rows(out, manifest))
     write_bytes_atomic(html_path, page.encode("utf-8"))
     return len(samples)
@@ -203,7 +233,7 @@ def render_page(
         f"<title>grit inspect: {html.escape(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>grit build: {html.escape(title)}</h1>",
         _totals_html(manifest),
-        f"<h2>Samples (first {len(samples)})</h2>",
+        f"<h2>Samples ({len(samples)}, spread over the shards)</h2>",
         '<div class="grid">',
         *(_card_html(sample) for sample in samples),
         "</div>",

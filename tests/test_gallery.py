@@ -118,3 +118,31 @@ def test_inspect_cli_writes_html_and_png_and_rejects_unknown_key(built: Path, tm
     assert png.stat().st_size > 1000
     missing = runner.invoke(main, ["inspect", str(built), "--png", "999999999", "--png-out", str(png)])
     assert missing.exit_code != 0 and "999999999" in missing.output
+
+
+def test_samples_are_spread_over_every_shard(built: Path, tmp_path: Path) -> None:
+    from grit_pipeline.manifests.gallery import pick_samples
+
+    shards = sorted(p.name for p in (built / "shards").glob("*.tar"))
+    picked = pick_samples(built, len(shards))
+    assert [s.shard for s in picked] == shards
+    assert len(pick_samples(built, 1000)) == sum(len(_first_keys(built, name)) for name in shards)
+
+
+def test_caption_text_is_escaped_and_spans_keep_their_colour() -> None:
+    from grit_pipeline.manifests.gallery import ShownEntity, highlight_caption
+    from grit_pipeline.records import Span
+
+    caption = "<script>x</script> a dog & a cat"
+    entities = (ShownEntity(Span(19, 24), (), PALETTE[0]), ShownEntity(Span(27, 32), (), PALETTE[1]))
+    page = highlight_caption(caption, entities)
+    assert "<script>" not in page and "&lt;script&gt;x&lt;/script&gt;" in page
+    assert f"solid {PALETTE[0]}\">a dog<sup>1</sup></mark> &amp; <mark" in page
+    assert f"solid {PALETTE[1]}\">a cat<sup>2</sup></mark>" in page
+
+
+def test_control_token_caption_is_shown_as_text(built: Path, tmp_path: Path) -> None:
+    page = tmp_path / "all.html"
+    write_gallery(built, page, count=1000)
+    text = page.read_text()
+    assert "&lt;grounding&gt; an icon:" in text and "<grounding>" not in text
