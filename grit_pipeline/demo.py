@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 PHOTOS_DIR = Path(__file__).resolve().parent / "data" / "demo"
-GPU_COMMAND = (
-    "grit build INPUT_DIR --out OUT --grounder grounding-dino --detector IDEA-Research/grounding-dino-tiny"
-)
+GPU_COMMAND = "--grounder grounding-dino --detector IDEA-Research/grounding-dino-tiny --runner ray"
 
 
 @dataclass(frozen=True)
@@ -150,11 +148,13 @@ def _parse_args(argv: list[str] | None) -> DemoConfig:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; exit status 0 when the build and its audit both pass."""
     config = _parse_args(argv)
+    inputs = " ".join(str(p) for p in [PHOTOS_DIR, Path(config.out_dir) / "inputs" / "synthetic"])
     result = run_demo(config)
     print("\nsummary\n" + result.summary)
     print(f"\nshards:  {result.build_dir / 'shards'}\nreport:  {result.report_html}")
     print(f"audit:   {'OK' if result.audit_ok else 'FAILED'}")
-    print(f"\nOn a GPU machine, ground with a real detector instead of the annotations:\n  {GPU_COMMAND}")
+    print("\nOn a GPU machine (with the detector weights), ground with GroundingDINO instead of the annotations:")
+    print(f"  grit build {inputs} --out demo_gpu {GPU_COMMAND}")
     return 0 if result.ok else 1
 
 

@@ -234,3 +234,15 @@ def test_image_size_is_checked_on_request(built: Path) -> None:
     assert audit_build(built).ok  # by default the recorded size may be the original one
     findings = audit_build(built, check_image_size=True).findings
     assert [(f.check, f.key) for f in findings] == [(Check.IMAGE_SIZE, key)]
+
+
+def test_member_names_that_climb_out_or_are_not_files_are_found(built: Path) -> None:
+    with tarfile.open(built / "shards" / "00000.tar", "a") as tar:
+        _add(tar, "../escape.txt", b"x")
+        folder = tarfile.TarInfo("subdir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    _refresh_manifest(built, "00000")
+    findings = audit_build(built).findings
+    assert [f.check for f in findings] == [Check.MEMBER_NAME, Check.MEMBER_NAME]
+    assert "'../escape.txt'" in findings[0].message and "'subdir'" in findings[1].message
