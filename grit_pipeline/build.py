@@ -55,9 +55,12 @@ class Progress:
     drops: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
     last_print: float = field(default_factory=time.monotonic)
+    first_batch: tuple[float, int] | None = None
 
     def add(self, items: Sequence[WorkItem]) -> None:
         """Count a processed batch; print the summary line when the interval has passed."""
+        if self.first_batch is None:
+            self.first_batch = (time.monotonic(), len(items))
         for item in items:
             self.samples += 1
             if item.alive:
@@ -75,6 +78,13 @@ class Progress:
         print(f"[grit build] {self.samples} samples {self.samples / elapsed:.1f}/s kept {self.kept_ratio():.1%} "
               f"shards {self.shards_done}/{self.total_shards} failed {self.shards_failed} | drops: {top}",
               file=self.stream, flush=True)
+
+    def steady_rate(self) -> float | None:
+        """Samples/s from the first finished batch on: throughput without start-up (workers, model loads)."""
+        if self.first_batch is None:
+            return None
+        seconds = time.monotonic() - self.first_batch[0]
+        return (self.samples - self.first_batch[1]) / seconds if seconds > 0 else None
 
     def kept_ratio(self) -> float:
         """Kept samples over processed samples."""
@@ -169,9 +179,11 @@ def run_build(config: BuildConfig, overwrite: bool = False, stream: TextIO = sys
     if pending:
         runner_for(config)(config, pending, sink, progress)
     run_seconds = time.time() - run_started
+    steady = progress.steady_rate()
     manifest = _finish(config, shards, sink, {"started_unix": round(started, 3), "run_seconds": round(run_seconds, 3),
                                               "total_seconds": round(time.time() - started, 3),
-                                              "shards_processed": len(pending), "samples_processed": progress.samples})
+                                              "shards_processed": len(pending), "samples_processed": progress.samples,
+                                              "steady_samples_per_s": round(steady, 1) if steady else None})
     return BuildResult(manifest, dict(sink.failures), len(shards) - len(pending))
 
 
