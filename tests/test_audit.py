@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from grit_pipeline.manifests.audit import Check, audit_build
 from grit_pipeline.synthetic import generate_scenes, write_scene_folder
@@ -246,3 +248,37 @@ def test_member_names_that_climb_out_or_are_not_files_are_found(built: Path) -> 
     findings = audit_build(built).findings
     assert [f.check for f in findings] == [Check.MEMBER_NAME, Check.MEMBER_NAME]
     assert "'../escape.txt'" in findings[0].message and "'subdir'" in findings[1].message
+
+
+_CAPTION_TEXT = st.text(alphabet=st.sampled_from("ab <>&é\t\n,."), min_size=1, max_size=40)
+
+
+@st.composite
+def _records(draw: st.DrawFn):
+    from grit_pipeline.records import Box, GritRecord, GroundedSpan, Span
+
+    caption = draw(_CAPTION_TEXT.filter(lambda c: c.strip()))
+    entries = []
+    for _ in range(draw(st.integers(1, 4))):
+        start = draw(st.integers(0, len(caption) - 1))
+        end = draw(st.integers(start + 1, len(caption)))
+        x1, y1 = draw(st.floats(0, 0.9)), draw(st.floats(0, 0.9))
+        box = Box(x1, y1, draw(st.floats(x1 + 0.05, 1.0)), draw(st.floats(y1 + 0.05, 1.0)))
+        entries.append(GroundedSpan(Span(start, end), box, 0.9))
+    return GritRecord(key="000000001", caption=caption, noun_chunks=entries, ref_exps=entries)
+
+
+@settings(max_examples=60, deadline=None)
+@given(record=_records())
+def test_serialised_records_audit_clean_and_any_edit_of_the_text_is_found(record) -> None:
+    from grit_pipeline.manifests.sample_checks import AuditOptions, audit_sample
+    from grit_pipeline.stages.serialize import serialize_record
+
+    serialized = serialize_record(record)
+    assume(serialized.text is not None)
+    options = AuditOptions(decode_images=False)
+    files = {"json": json.dumps(record.to_row()).encode(), "txt": serialized.text.encode(), "jpg": b""}
+    assert audit_sample("s.tar", record.key, files, options) == []
+    edited = serialized.text.replace("<patch_index_", "<patch_index_1", 1)
+    checks = {f.check for f in audit_sample("s.tar", record.key, files | {"txt": edited.encode()}, options)}
+    assert Check.TEXT_MATCHES_JSON in checks
