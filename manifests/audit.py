@@ -169,8 +169,7 @@ def audit_shard(
     findings = _check_shard_file(path, expectation)
     keys: list[str] = []
     try:
-        for key, files, member_findings in iter_tar_samples(path):
-            findings += member_findings
+        for key, files in iter_tar_samples(path, problems=findings):
             keys.append(key)
             findings += _check_key(name, key, seen_keys)
             findings += audit_sample(name, key, files, options)

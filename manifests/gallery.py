@@ -106,7 +106,7 @@ def _shard_paths(out_dir: Path) -> list[Path]:
 def _iter_shard(path: Path, config: SerializeConfig) -> Iterator[ShownSample]:
     """The readable samples of one tar; a tar that breaks off ends early (the audit reports it)."""
     try:
-        for key, files, _ in iter_tar_samples(path):
+        for key, files in iter_tar_samples(path):
             sample = _shown_sample(path.name, key, files, config)
             if sample is not None:
                 yield sample

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grit_pipeline.inputs import MAX_MEMBER_BYTES
 from grit_pipeline.manifests.findings import Check, Finding
 from grit_pipeline.records import GritRecord, MalformedRecordError
 from grit_pipeline.stages.serialize import (
@@ -37,27 +38,32 @@ class AuditOptions:
     decode_images: bool = True
 
 
-def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes], list[Finding]]]:
-    """(key, {extension: bytes}, member-name findings) per sample of a shard, grouping consecutive members by key."""
+def iter_tar_samples(
+    path: Path, problems: list[Finding] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a shard, grouping consecutive members by key.
+
+    Members that are not plain top-level files are skipped, each with a Finding appended to `problems`.
+    """
     key: str | None = None
     files: dict[str, bytes] = {}
-    problems: list[Finding] = []
     with tarfile.open(path, mode="r|") as tar:
         for member in tar:
             problem = _member_problem(member)
             if problem is not None:
-                problems.append(Finding(Check.MEMBER_NAME, problem, path.name))
+                if problems is not None:
+                    problems.append(Finding(Check.MEMBER_NAME, problem, path.name))
                 continue
             # webdataset splits a member name at its first dot: "KEY.ext"
             member_key, _, extension = member.name.partition(".")
             if member_key != key and key is not None:
-                yield key, files, problems
-                files, problems = {}, []
+                yield key, files
+                files = {}
             key = member_key
             handle = tar.extractfile(member)
             files[extension] = handle.read() if handle is not None else b""
     if key is not None:
-        yield key, files, problems
+        yield key, files
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:
@@ -66,6 +72,8 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
         return f"member {member.name!r} is not a regular file"
     if "/" in member.name or "\\" in member.name or member.name.startswith("."):
         return f"member name {member.name!r} is not a plain top-level file name"
+    if member.size > MAX_MEMBER_BYTES:
+        return f"member {member.name!r} has {member.size} bytes, more than any sample file should (not read)"
     return None
 
 

@@ -282,3 +282,15 @@ def test_serialised_records_audit_clean_and_any_edit_of_the_text_is_found(record
     edited = serialized.text.replace("<patch_index_", "<patch_index_1", 1)
     checks = {f.check for f in audit_sample("s.tar", record.key, files | {"txt": edited.encode()}, options)}
     assert Check.TEXT_MATCHES_JSON in checks
+
+
+def test_oversized_member_is_reported_not_read(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import grit_pipeline.manifests.sample_checks as sample_checks
+
+    monkeypatch.setattr(sample_checks, "MAX_MEMBER_BYTES", 1 << 30)
+    assert audit_build(built).ok
+    monkeypatch.setattr(sample_checks, "MAX_MEMBER_BYTES", 100)  # every .jpg is now "too large"
+    findings = audit_build(built).findings
+    assert Check.MEMBER_NAME in {f.check for f in findings}
+    assert any("not read" in f.message for f in findings)
+    assert Check.SAMPLE_FILES in {f.check for f in findings}  # the samples lost their .jpg
