@@ -114,27 +114,41 @@ class PhraseBox:
 def nms(candidates: Sequence[PhraseBox], iou_threshold: float) -> list[PhraseBox]:
     """Greedy class-agnostic NMS: highest score first; a box overlapping a kept one above the IoU is removed.
 
-    Ties in score keep the earlier candidate, so the result is deterministic. Vectorised over the remaining
-    boxes, so a detector's hundreds of boxes cost one numpy pass per kept box.
+    Ties in score keep the earlier candidate, so the result is deterministic. The pairwise IoUs are
+    computed in one numpy pass (in blocks of rows for very many boxes).
     """
     import numpy as np
 
     if not candidates:
         return []
-    order = np.array(sorted(range(len(candidates)), key=lambda i: (-candidates[i].score, i)))
-    corners = np.array([c.box.as_tuple() for c in candidates], dtype=np.float64)
-    areas = np.clip(corners[:, 2] - corners[:, 0], 0, None) * np.clip(corners[:, 3] - corners[:, 1], 0, None)
-    kept: list[int] = []
-    while order.size:
-        best, rest = order[0], order[1:]
-        kept.append(int(best))
-        width = np.clip(np.minimum(corners[best, 2], corners[rest, 2]) - np.maximum(corners[best, 0], corners[rest, 0]), 0, None)
-        height = np.clip(np.minimum(corners[best, 3], corners[rest, 3]) - np.maximum(corners[best, 1], corners[rest, 1]), 0, None)
-        inter = width * height
-        union = areas[best] + areas[rest] - inter
-        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-        order = rest[iou <= iou_threshold]
-    return [candidates[i] for i in kept]
+    order = sorted(range(len(candidates)), key=lambda i: (-candidates[i].score, i))
+    corners = np.array([candidates[i].box.as_tuple() for i in order], dtype=np.float64)
+    suppressed = np.zeros(len(order), dtype=bool)
+    kept: list[PhraseBox] = []
+    block = 512
+    for start in range(0, len(order), block):
+        ious = _pairwise_iou(corners[start : start + block], corners)
+        for row in range(ious.shape[0]):
+            position = start + row
+            if suppressed[position]:
+                continue
+            kept.append(candidates[order[position]])
+            later = ious[row, position + 1 :] > iou_threshold
+            suppressed[position + 1 :] |= later
+    return kept
+
+
+def _pairwise_iou(a: Any, b: Any) -> Any:
+    """IoU of every box in `a` (n, 4) with every box in `b` (m, 4), as an (n, m) array."""
+    import numpy as np
+
+    width = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    height = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = width * height
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def filter_candidates(

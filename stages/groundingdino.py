@@ -245,9 +245,8 @@ class GroundingDinoGrounder:
                 results[index] = ungroundable_result(len(request.phrases), DropReason.IMAGE_MISSING)
             else:
                 plans[index] = self.plan(request)
-        candidates = self._run_passes(batch, plans)
-        for index, plan in plans.items():
-            results[index] = self._finish(batch[index], plan, candidates[index])
+        for index, result in self._run_passes(batch, plans).items():
+            results[index] = result
         return [r for r in results if r is not None]
 
     def plan(self, request: GroundingRequest) -> PromptPlan:
@@ -269,41 +268,53 @@ class GroundingDinoGrounder:
             result.info["truncated_phrases"] = plan.truncated_phrases
         return result
 
-    def _run_passes(self, batch: Sequence[GroundingRequest], plans: dict[int, PromptPlan]) -> dict[int, list]:
-        """Run every text pass, several per forward, and collect each request's candidate boxes.
+    def _run_passes(self, batch: Sequence[GroundingRequest], plans: dict[int, PromptPlan]) -> dict[int, GroundingResult]:
+        """Run every text pass, several per forward, and filter each request's boxes once all its passes ran.
 
-        A helper thread prepares the next forward's inputs (image resizing, padding, host-to-device copy)
-        while the current forward runs, so preprocessing hides behind the model instead of adding to it.
+        The calling thread only runs forwards. One helper thread, in order, prepares the next forward's
+        inputs (image resizing, padding, host-to-device copy), turns the previous forward's outputs into
+        candidates and filters finished requests, so that work overlaps the model instead of adding to it.
         """
         from concurrent.futures import ThreadPoolExecutor
 
         candidates: dict[int, list[PhraseBox]] = {index: [] for index in plans}
+        passes_left = {index: len(plan.passes) for index, plan in plans.items()}
+        results: dict[int, GroundingResult] = {}
         items = [(index, text_pass) for index, plan in plans.items() for text_pass in plan.passes]
         chunks = list(_chunks(items, self.config.batch_size))
-        if not chunks:
-            return candidates
 
         def prepare(chunk: list[tuple[int, TextPass]]) -> dict[str, Any]:
             return self.prepare_inputs([batch[i].image for i, _ in chunk], [p.input_ids for _, p in chunk])
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grit-prep") as pool:
-            upcoming = pool.submit(prepare, chunks[0])
+        def collect(chunk: list[tuple[int, TextPass]], outputs: tuple[Any, Any]) -> None:
+            probs, boxes = (tensor.cpu().numpy() for tensor in outputs)
+            for row, (index, text_pass) in enumerate(chunk):
+                candidates[index].extend(
+                    assign_boxes(
+                        probs[row, :, : len(text_pass.input_ids)],
+                        boxes[row],
+                        text_pass.phrase_tokens,
+                        text_pass.phrase_ids,
+                        min_score=self._box_filter.box_threshold,
+                    )
+                )
+                passes_left[index] -= 1
+                if passes_left[index] == 0:
+                    results[index] = self._finish(batch[index], plans[index], candidates.pop(index))
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grit-ground") as helper:
+            upcoming = helper.submit(prepare, chunks[0]) if chunks else None
+            collected = []
             for number, chunk in enumerate(chunks):
                 inputs = upcoming.result()
                 if number + 1 < len(chunks):
-                    upcoming = pool.submit(prepare, chunks[number + 1])
-                probs, boxes = self.forward_inputs(inputs)
-                for row, (index, text_pass) in enumerate(chunk):
-                    candidates[index].extend(
-                        assign_boxes(
-                            probs[row, :, : len(text_pass.input_ids)],
-                            boxes[row],
-                            text_pass.phrase_tokens,
-                            text_pass.phrase_ids,
-                            min_score=self._box_filter.box_threshold,
-                        )
-                    )
-        return candidates
+                    upcoming = helper.submit(prepare, chunks[number + 1])
+                collected.append(helper.submit(collect, chunk, self._forward_on_device(inputs)))
+            for done in collected:
+                done.result()  # re-raises a helper failure here
+        for index in candidates:  # a plan with no pass: every chunk was empty after cleaning
+            results[index] = self._finish(batch[index], plans[index], [])
+        return results
 
     def prepare_inputs(self, images: Sequence[Any], token_ids: Sequence[list[int]]) -> dict[str, Any]:
         """Model inputs for one forward: padded pixels with pixel masks, padded text with attention masks."""
@@ -351,6 +362,11 @@ class GroundingDinoGrounder:
 
     def forward_inputs(self, inputs: dict[str, Any]) -> tuple[Any, Any]:
         """The model on prepared inputs; sigmoid token probabilities and corner boxes as numpy arrays."""
+        probs, corners = self._forward_on_device(inputs)
+        return probs.cpu().numpy(), corners.cpu().numpy()
+
+    def _forward_on_device(self, inputs: dict[str, Any]) -> tuple[Any, Any]:
+        """Token probabilities (batch, queries, tokens) and corner boxes (batch, queries, 4), still on device."""
         import torch
 
         with torch.inference_mode(), self._autocast():
@@ -358,7 +374,7 @@ class GroundingDinoGrounder:
             probs = outputs.logits.float().sigmoid()
             cx, cy, w, h = outputs.pred_boxes.float().unbind(-1)
             corners = torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
-        return probs.cpu().numpy(), corners.cpu().numpy()
+        return probs, corners
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -266,10 +267,13 @@ def _row(pending: _Pending, result: Any) -> dict[str, Any]:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Best of N runs each.")
-def bench_detector(detector: str | None, n_images: int, batch_size: int, device: str, repeats: int) -> None:
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="torch threads for both runs [default: cores - 1, leaving one core to feed the model].")
+def bench_detector(detector: str | None, n_images: int, batch_size: int, device: str, repeats: int,
+                   threads: int | None) -> None:
     """Images/s through the grounding stage vs a raw model forward over the same batches (target ratio >= 0.90)."""
     _emit(run_detector_bench(detector=detector, n_images=n_images, batch_size=batch_size, device=device,
-                             repeats=repeats))
+                             repeats=repeats, threads=threads))
 
 
 _BENCH_CAPTIONS = (
@@ -313,11 +317,13 @@ def _timed(run: Any) -> float:
     return time.perf_counter() - start
 
 
-def run_detector_bench(detector: str | None, n_images: int, batch_size: int, device: str, repeats: int) -> dict:
+def run_detector_bench(detector: str | None, n_images: int, batch_size: int, device: str, repeats: int,
+                       threads: int | None = None) -> dict:
     """Best-of-`repeats` images/s of `GroundingDinoGrounder.ground` and of the bare model forward.
 
     The baseline runs `model(**inputs)` on the very batches the stage forms (same passes, same padding),
-    with inputs prepared outside the timed region: it is the limit the stage can reach.
+    with inputs prepared outside the timed region: it is the limit the stage can reach. Both run with the
+    same torch thread count; by default one core is left for the stage's preprocessing thread.
     """
     import tempfile
 
@@ -328,6 +334,8 @@ def run_detector_bench(detector: str | None, n_images: int, batch_size: int, dev
     from grit_pipeline.testing import build_tiny_grounding_dino
 
     hf_logging.disable_progress_bar()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads or max(1, cores - 1))
     with tempfile.TemporaryDirectory() as tmp:
         path = detector or str(build_tiny_grounding_dino(tmp))
         grounder = GroundingDinoGrounder(GroundingConfig(detector=path, batch_size=batch_size, device=device))
@@ -357,6 +365,7 @@ def run_detector_bench(detector: str | None, n_images: int, batch_size: int, dev
         "detector": detector or "tiny-random (grit_pipeline.testing)",
         "device": grounder.device,
         "torch_threads": torch.get_num_threads(),
+        "cores": cores,
         "n_images": n_images,
         "text_passes": len(items),
         "batch_size": batch_size,
