@@ -370,11 +370,31 @@ def drop_chart_svg(counts: Counter[str], nothing: str = "Nothing was dropped.", 
 
 
 def find_sample(out_dir: str | Path, key: str) -> ShownSample:
-    """The sample with this key (searching every shard of the manifest), or GalleryError."""
-    for sample in iter_samples(Path(out_dir)):
-        if sample.key == key:
-            return sample
+    """The sample with this key, or GalleryError; the shard the key names is searched first, then every shard."""
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    config = audit_options(manifest).serialize
+    paths = _shard_paths(out)
+    likely = _shard_of_key(key, manifest)
+    for path in sorted(paths, key=lambda p: p.name != likely):
+        try:
+            for member_key, files in iter_tar_samples(path):
+                sample = _shown_sample(path.name, key, files, config) if member_key == key else None
+                if sample is not None:
+                    return sample
+        except (tarfile.TarError, OSError, EOFError):
+            continue
     raise GalleryError(f"no readable sample with key {key!r} in {out_dir}")
+
+
+def _shard_of_key(key: str, manifest: Mapping[str, Any]) -> str | None:
+    """The tar a key was written to under the build's numbering (shard * 10**key_digits + position)."""
+    from grit_pipeline.shards import shard_name
+
+    digits = (manifest.get("config") or {}).get("key_digits")
+    if not key.isdigit() or not isinstance(digits, int):
+        return None
+    return f"{shard_name(int(key) // 10**digits)}.tar"
 
 
 def render_sample_png(out_dir: str | Path, key: str, target: str | Path, side: int = 640) -> Path:
