@@ -418,6 +418,8 @@ def render_sample_png(out_dir: str | Path, key: str, target: str | Path, side: i
         label = f"{number} {entity.span.text(sample.record.caption)}"
         for box, _score in entity.boxes:
             x1, y1, x2, y2 = box.to_pixels(image.width, image.height)
+            # PIL's rectangle includes its end pixel: keep a full-image box inside the image
+            x2, y2 = min(x2, image.width - 1), min(y2, image.height - 1)
             draw.rectangle((x1, y1, x2, y2), outline=entity.colour, width=3)
             left, top, right, bottom = draw.textbbox((x1 + 4, y1 + 2), label, font=font)
             draw.rectangle((x1, y1, right + 4, bottom + 2), fill=entity.colour)
