@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from grit_pipeline.demo import DemoConfig, run_quietly
-from grit_pipeline.manifests.gallery import PALETTE, find_sample, render_sample_png, write_gallery
+from grit_pipeline.manifests.gallery import PALETTE, find_sample, write_gallery
+from grit_pipeline.manifests.sample_png import render_sample_png
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 

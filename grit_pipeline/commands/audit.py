@@ -52,7 +52,8 @@ def inspect(out: Path, count: int, html_path: Path | None, png_key: str | None, 
 
     Without --html and --png, writes OUT/report.html.
     """
-    from grit_pipeline.manifests.gallery import GalleryError, render_sample_png, write_gallery
+    from grit_pipeline.manifests.gallery import GalleryError, write_gallery
+    from grit_pipeline.manifests.sample_png import render_sample_png
 
     try:
         if png_key is not None:
