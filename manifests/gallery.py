@@ -1,4 +1,4 @@
-"""`grit inspect`: a static, self-contained HTML gallery of a build, and a PNG of one sample.
+"""`grit inspect`: a static, self-contained HTML gallery of a build (`--png` is in sample_png.py).
 
 The page needs no server and no network: thumbnails are inlined as base64 JPEG inside SVG figures whose
 rectangles are the boxes; each box's span is highlighted in the caption in the box's colour. Below the
