@@ -110,8 +110,8 @@ class ShardSink:
             if len(ordered) != header.count:
                 raise RuntimeError(f"{len(ordered)} of {header.count} samples came back")
             for item in ordered:
-                if item.grounder and "grounder" not in self.models:
-                    self.models["grounder"] = item.grounder
+                if item.grounder:  # by kind: GRIT-20M rows go through the annotation grounder
+                    self.models.setdefault(str(item.grounder.get("grounder")), item.grounder)
             write_shard(self.folder, header.shard, [to_output(item) for item in ordered], header.source,
                         header.errors)
             self.progress.shards_done += 1
@@ -211,7 +211,9 @@ def _finish(config: BuildConfig, shards: list[InputShard], sink: ShardSink, timi
 
 
 def _models(config: BuildConfig, sink: ShardSink) -> dict[str, Any]:
-    """spaCy model name and version, and the grounder's description (kept from an earlier run on resume)."""
+    """spaCy model name and version; `grounder`: the configured grounder's description (model id, revision
+    or weights hash, thresholds); `grounders`: every grounder that grounded samples, by kind. Descriptions
+    from an earlier run of the same build are kept on resume."""
     import importlib.metadata
 
     models: dict[str, Any] = {"spacy_model": config.text.spacy_model, "spacy_model_version": None}
@@ -220,10 +222,12 @@ def _models(config: BuildConfig, sink: ShardSink) -> dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
         pass
     previous = Path(config.out_dir) / MANIFEST_FILE
-    if "grounder" not in sink.models and previous.is_file():
-        models["grounder"] = json.loads(previous.read_text(encoding="utf-8")).get("models", {}).get("grounder")
-    models.update(sink.models)
-    models.setdefault("grounder", {"kind": config.grounder})
+    grounders: dict[str, Any] = {}
+    if previous.is_file():
+        grounders.update(json.loads(previous.read_text(encoding="utf-8")).get("models", {}).get("grounders") or {})
+    grounders.update(sink.models)
+    models["grounder"] = grounders.get(config.grounder, {"grounder": config.grounder})
+    models["grounders"] = grounders
     return models
 
 

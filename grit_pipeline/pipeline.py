@@ -28,6 +28,10 @@ GROUNDER_GROUNDING_DINO = "grounding-dino"
 GROUNDERS = (GROUNDER_GROUNDING_DINO, GROUNDER_ANNOTATIONS)
 
 
+class StageSetupError(RuntimeError):
+    """A stage cannot start (its model is missing or fails to load): fatal for the run, never a sample's fault."""
+
+
 @dataclass(slots=True)
 class WorkItem:
     """One sample on its way through the stages; `drop_reason` set means later stages leave it alone."""
@@ -161,6 +165,10 @@ class PhraseStage:
         todo = [item for item in items if item.alive and item.source_record is None]
         if not todo:
             return items
+        try:
+            self.extractor.nlp  # noqa: B018 - load spaCy once; a missing model must stop the run, not the sample
+        except Exception as exc:
+            raise StageSetupError(f"phrases: {exc}") from exc
         for item, result in zip(todo, self.extractor([i.sample.caption or "" for i in todo]), strict=True):
             item.span_drops.update(result.dropped)
             if result.drop_reason is not None:
@@ -174,23 +182,24 @@ class PhraseStage:
 
 class GroundStage:
     """Boxes for every phrase: the configured grounder; records that carry GRIT-20M entries are re-grounded
-    from those entries by the annotation grounder (no detector pass needed)."""
+    from those entries by the annotation grounder. Grounders load on first use, so a GRIT-20M download
+    never loads the detector."""
 
     name = "ground"
 
     def __init__(self, config: BuildConfig) -> None:
         self.config = config
-        self.grounder = make_grounder(config, config.grounder)
-        self._annotation_grounder: Grounder | None = None
-        self.description = self.grounder.describe()
+        self._grounders: dict[str, tuple[Grounder, dict[str, Any]]] = {}
 
-    def annotation_grounder(self) -> Grounder:
-        """The annotation grounder for source records (the configured one when it already is)."""
-        if self.config.grounder == GROUNDER_ANNOTATIONS:
-            return self.grounder
-        if self._annotation_grounder is None:
-            self._annotation_grounder = make_grounder(self.config, GROUNDER_ANNOTATIONS)
-        return self._annotation_grounder
+    def grounder(self, kind: str) -> tuple[Grounder, dict[str, Any]]:
+        """The grounder of `kind` and its description, loaded once."""
+        if kind not in self._grounders:
+            try:
+                grounder = make_grounder(self.config, kind)
+            except Exception as exc:  # weights missing, offline hub, bad path: no sample could be grounded
+                raise StageSetupError(f"ground: cannot load the {kind} grounder: {exc}") from exc
+            self._grounders[kind] = (grounder, grounder.describe())
+        return self._grounders[kind]
 
     def __call__(self, items: list[WorkItem]) -> list[WorkItem]:
         """Ground the live items, the ones with source records through the annotation grounder."""
@@ -198,13 +207,12 @@ class GroundStage:
         from_source = [i for i in live if i.source_record is not None]
         from_text = [i for i in live if i.source_record is None]
         if from_text:
-            self._ground(self.grounder, from_text, self.description)
+            self._ground(*self.grounder(self.config.grounder), from_text)
         if from_source:
-            grounder = self.annotation_grounder()
-            self._ground(grounder, from_source, grounder.describe())
+            self._ground(*self.grounder(GROUNDER_ANNOTATIONS), from_source)
         return items
 
-    def _ground(self, grounder: Grounder, items: list[WorkItem], description: dict[str, Any]) -> None:
+    def _ground(self, grounder: Grounder, description: dict[str, Any], items: list[WorkItem]) -> None:
         requests = [grounding_request(item) for item in items]
         for item, request, result in zip(items, requests, grounder.ground(requests), strict=True):
             item.grounder = description
@@ -337,9 +345,14 @@ def make_stages(config: BuildConfig) -> list[Callable[[list[WorkItem]], list[Wor
 
 
 def run_stage(stage: Callable[[list[WorkItem]], list[WorkItem]], items: list[WorkItem]) -> list[WorkItem]:
-    """Run a stage on a batch; when the batch raises, retry item by item so only the bad sample is dropped."""
+    """Run a stage on a batch; when the batch raises, retry item by item so only the bad sample is dropped.
+
+    A StageSetupError (a model that cannot load) is not a sample's fault and propagates.
+    """
     try:
         return stage(items)
+    except StageSetupError:
+        raise
     except Exception:  # a bug or a poisoned sample: isolate it rather than failing the shard
         return [_run_one(stage, item) for item in items]
 
@@ -347,6 +360,8 @@ def run_stage(stage: Callable[[list[WorkItem]], list[WorkItem]], items: list[Wor
 def _run_one(stage: Callable[[list[WorkItem]], list[WorkItem]], item: WorkItem) -> WorkItem:
     try:
         return stage([item])[0]
+    except StageSetupError:
+        raise
     except Exception as exc:  # the sample itself is bad: drop it with the stage's error
         name = getattr(stage, "name", type(stage).__name__)
         item.drop(DropReason.STAGE_ERROR, f"{name}: {type(exc).__name__}: {exc}")

@@ -187,3 +187,33 @@ def test_grounding_dino_grounder_on_a_tiny_random_detector(tmp_path: Path, input
         member = next(m for m in tar.getmembers() if m.name.endswith(".json"))
         provenance = json.loads(tar.extractfile(member).read())["provenance"]["grounder"]
     assert provenance["detector"] == str(detector) and "device" not in provenance
+
+
+def test_grit_parquet_rows_with_an_images_folder(tmp_path: Path, scenes) -> None:
+    from grit_pipeline.records import write_grit_parquet
+
+    images = write_img2dataset_folder([scene_samples(scenes[:5], grit_columns=False)], tmp_path / "images")
+    records = []
+    for scene in scenes[:5]:
+        record = scene.to_record()
+        record.url = f"https://example.com/{scene.key}.jpg"  # img2dataset kept the url: the join key here
+        records.append(record)
+    records.append(generate_scenes(1, seed=99, size=(64, 64))[0].to_record())  # its image was never downloaded
+    write_grit_parquet(records, str(tmp_path / "rows.parquet"))
+    outcome = CliRunner().invoke(main, ["build", str(tmp_path / "rows.parquet"), "--images", str(images), "--out",
+                                        str(tmp_path / "out"), "--grounder", "grounding-dino", "--runner", "local"])
+    assert outcome.exit_code == 0, outcome.output
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["totals"]["kept"] == 5
+    assert manifest["totals"]["drop_reasons"] == {"image_missing": 1}
+    assert set(manifest["models"]["grounders"]) == {"annotations"}  # GRIT-20M rows skip the detector
+    assert _audit(tmp_path / "out").ok
+
+
+def test_a_detector_that_cannot_load_fails_the_run_not_the_samples(tmp_path: Path, inputs) -> None:
+    outcome = CliRunner().invoke(main, ["build", str(inputs[1]), "--out", str(tmp_path / "out"), "--runner", "local",
+                                        "--detector", str(tmp_path / "no-such-detector")])
+    assert outcome.exit_code == 1
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["totals"]["shards_failed"] == 1 and manifest["totals"]["input_samples"] == 0
+    assert all("cannot load the grounding-dino grounder" in f["error"] for f in manifest["failed_shards"])

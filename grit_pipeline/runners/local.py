@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from grit_pipeline.inputs import InputShard
-from grit_pipeline.pipeline import make_stages, read_shard, run_stage, shard_batches
+from grit_pipeline.pipeline import StageSetupError, make_stages, read_shard, run_stage, shard_batches
 
 if TYPE_CHECKING:
     from grit_pipeline.build import Progress, ShardSink
@@ -17,13 +17,17 @@ def run_local(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sin
               progress: Progress) -> None:
     """Read, process and write each pending shard in turn; a shard that raises is recorded as failed."""
     stages = make_stages(config)
-    for index, shard in shards:
+    for number, (index, shard) in enumerate(shards):
         try:
             header, items = read_shard(index, shard, config.key_digits)
             for batch in shard_batches(items, config.batch_size):
                 for stage in stages:
                     run_stage(stage, batch)
                 progress.add(batch)
+        except StageSetupError as exc:  # no shard can succeed: record them all and stop
+            for remaining, _ in shards[number:]:
+                sink.fail(remaining, str(exc))
+            return
         except Exception as exc:  # the shard fails alone; the run goes on
             sink.fail(index, f"{type(exc).__name__}: {exc}")
             continue
