@@ -231,6 +231,8 @@ class GroundingDinoGrounder:
         self.model = model.to(self.device).eval()  # moved once, here
         self._box_filter = self.config.box_filter()
         self._special_ids = _special_token_ids(self.tokenizer)
+        # never longer than the checkpoint's own text limit (its logits are padded to max_text_len)
+        self.max_text_tokens = min(self.config.max_text_tokens, getattr(model.config, "max_text_len", 256))
         self._weights_digest: str | None = None
         self.preprocess_threads = self.config.preprocess_threads or _default_preprocess_threads(self.device)
 
@@ -252,7 +254,7 @@ class GroundingDinoGrounder:
     def plan(self, request: GroundingRequest) -> PromptPlan:
         """The text passes for one request's phrases."""
         texts = [request.caption[p.chunk.start : p.chunk.end] for p in request.phrases]
-        return plan_prompts(texts, self._tokenize, self._special_ids, self.config.max_text_tokens)
+        return plan_prompts(texts, self._tokenize, self._special_ids, self.max_text_tokens)
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -159,6 +159,7 @@ def _read_lines(path: Path, images_dir: Path, image_config: Any, counts: Counter
                 _warn(f"skipped key {key!r} (line {number}): {exc}")
                 continue
             counts["image_reencoded"] += image.reencoded
+            counts["image_decoder_warnings"] += len(image.warnings)
             yield _Pending(key=key, obj=obj, image=image)
 
 
