@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from grit_pipeline.pipeline import (
     PhraseStage,
     SerializeStage,
     ShardHeader,
+    StageSetupError,
     WorkItem,
     read_shard,
     run_stage,
@@ -126,6 +128,23 @@ def iter_results(ds: Any) -> Iterator[ShardHeader | list[WorkItem]]:
             yield pickle.loads(value)
 
 
+def error_message(exc: BaseException) -> str:
+    """The root cause of a Ray failure in one line (a StageSetupError's own message when there is one)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StageSetupError):
+            return str(current)
+        current = getattr(current, "cause", None) or current.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:  # Ray wraps user errors and keeps only their traceback text
+        if "StageSetupError: " in line:
+            return line.split("StageSetupError: ", 1)[1]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return f"ray: {type(exc).__name__}: {(errors or lines or [''])[-1]}"[:500]
+
+
 def run_ray(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sink: ShardSink,
             progress: Progress) -> None:
     """Run the pending shards on Ray; complete shards are written as soon as their last sample arrives."""
@@ -147,9 +166,10 @@ def run_ray(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sink:
                 sink.write(header, buffers.pop(index))
                 written.add(index)
     except Exception as exc:  # retries exhausted: the unwritten shards fail, the written ones stand
+        message = error_message(exc)
         for index, _ in shards:
             if index not in written:
-                sink.fail(index, f"ray: {type(exc).__name__}: {str(exc)[:500]}")
+                sink.fail(index, message)
         return
     for index, _ in shards:
         if index not in written:
