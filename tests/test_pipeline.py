@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -217,3 +218,64 @@ def test_a_detector_that_cannot_load_fails_the_run_not_the_samples(tmp_path: Pat
     manifest = load_manifest(tmp_path / "out")
     assert manifest["totals"]["shards_failed"] == 1 and manifest["totals"]["input_samples"] == 0
     assert all("cannot load the grounding-dino grounder" in f["error"] for f in manifest["failed_shards"])
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> command line of every live descendant of `root` (Linux /proc)."""
+    parents: dict[int, int] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = commands.get(pid, "")
+                frontier.append(pid)
+    return found
+
+
+@pytest.mark.slow
+def test_ray_restarts_a_killed_stage_worker_and_the_output_is_unchanged(tmp_path: Path) -> None:
+    import os
+    import signal
+    import threading
+
+    import ray
+
+    folder = write_scene_folder(generate_scenes(400, seed=11, size=(48, 48)), tmp_path / "in").parent
+    local = run_build(_config([folder], tmp_path / "local", samples_per_shard=50, batch_size=10))
+    killed: list[int] = []
+
+    def kill_one_stage_worker() -> None:
+        # Our own Ray cluster's actor processes (descendants of this test process), killed by pid.
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            if any((tmp_path / "ray" / "shards").glob("*_stats.json")):
+                workers = [pid for pid, cmd in _descendants(os.getpid()).items() if "StageWorker" in cmd]
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed.append(workers[0])
+            time.sleep(0.05)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        killer = threading.Thread(target=kill_one_stage_worker, daemon=True)
+        killer.start()
+        distributed = run_build(_config([folder], tmp_path / "ray", runner="ray", samples_per_shard=50,
+                                        batch_size=10))
+        killer.join(timeout=5)
+    finally:
+        ray.shutdown()
+    assert killed, "no stage worker was found to kill"
+    assert distributed.ok, distributed.manifest["failed_shards"]
+    assert [e["sha256"] for e in distributed.manifest["shards"]] == [e["sha256"] for e in local.manifest["shards"]]
