@@ -276,47 +276,72 @@ class GroundingDinoGrounder:
         The calling thread only runs forwards. One helper thread, in order, prepares the next forward's
         inputs (image resizing, padding, host-to-device copy), turns the previous forward's outputs into
         candidates and filters finished requests, so that work overlaps the model instead of adding to it.
+        A forward that fails is retried pass by pass; a request whose own pass fails is dropped with
+        STAGE_ERROR, and when every pass of the failed forward fails alone the error is raised (it is
+        not the data's fault).
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        candidates: dict[int, list[PhraseBox]] = {index: [] for index in plans}
-        passes_left = {index: len(plan.passes) for index, plan in plans.items()}
-        results: dict[int, GroundingResult] = {}
-        items = [(index, text_pass) for index, plan in plans.items() for text_pass in plan.passes]
-        chunks = list(_chunks(items, self.config.batch_size))
+        state = _PassState(plans)
+        chunks = list(_chunks([(i, p) for i, plan in plans.items() for p in plan.passes], self.config.batch_size))
 
         def prepare(chunk: list[tuple[int, TextPass]]) -> dict[str, Any]:
             return self.prepare_inputs([batch[i].image for i, _ in chunk], [p.input_ids for _, p in chunk])
-
-        def collect(chunk: list[tuple[int, TextPass]], outputs: tuple[Any, Any]) -> None:
-            probs, boxes = (tensor.cpu().numpy() for tensor in outputs)
-            for row, (index, text_pass) in enumerate(chunk):
-                candidates[index].extend(
-                    assign_boxes(
-                        probs[row, :, : len(text_pass.input_ids)],
-                        boxes[row],
-                        text_pass.phrase_tokens,
-                        text_pass.phrase_ids,
-                        min_score=self._box_filter.box_threshold,
-                    )
-                )
-                passes_left[index] -= 1
-                if passes_left[index] == 0:
-                    results[index] = self._finish(batch[index], plans[index], candidates.pop(index))
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grit-ground") as helper:
             upcoming = helper.submit(prepare, chunks[0]) if chunks else None
             collected = []
             for number, chunk in enumerate(chunks):
-                inputs = upcoming.result()
+                current = upcoming
                 if number + 1 < len(chunks):
                     upcoming = helper.submit(prepare, chunks[number + 1])
-                collected.append(helper.submit(collect, chunk, self._forward_on_device(inputs)))
+                try:
+                    outputs = self._forward_on_device(current.result())
+                except Exception as exc:  # noqa: BLE001 - isolate the failing pass below
+                    collected.extend(self._retry_alone(chunk, prepare, helper, state, batch, exc))
+                    continue
+                collected.append(helper.submit(self._collect, chunk, outputs, state, batch))
             for done in collected:
                 done.result()  # re-raises a helper failure here
-        for index in candidates:  # a plan with no pass: every chunk was empty after cleaning
-            results[index] = self._finish(batch[index], plans[index], [])
-        return results
+        for index in list(state.candidates):  # a plan with no pass: every chunk was empty after cleaning
+            state.results[index] = self._finish(batch[index], plans[index], state.candidates.pop(index))
+        return state.results
+
+    def _retry_alone(self, chunk: list[tuple[int, TextPass]], prepare: Any, helper: Any, state: _PassState,
+                     batch: Sequence[GroundingRequest], error: Exception) -> list[Any]:
+        """Run a failed forward's passes one at a time; drop the requests whose own pass fails."""
+        futures, failures = [], 0
+        for item in chunk:
+            try:
+                outputs = self._forward_on_device(prepare([item]))
+            except Exception as exc:  # noqa: BLE001 - counted as STAGE_ERROR for this request only
+                failures += 1
+                futures.append(helper.submit(state.fail, item[0], batch[item[0]], exc))
+                continue
+            futures.append(helper.submit(self._collect, [item], outputs, state, batch))
+        if len(chunk) > 1 and failures == len(chunk):
+            raise error
+        return futures
+
+    def _collect(self, chunk: list[tuple[int, TextPass]], outputs: tuple[Any, Any], state: _PassState,
+                 batch: Sequence[GroundingRequest]) -> None:
+        """Candidates from one forward's outputs; requests whose last pass this was are filtered."""
+        probs, boxes = (tensor.cpu().numpy() for tensor in outputs)
+        for row, (index, text_pass) in enumerate(chunk):
+            if index in state.failed:
+                continue
+            state.candidates[index].extend(
+                assign_boxes(
+                    probs[row, :, : len(text_pass.input_ids)],
+                    boxes[row],
+                    text_pass.phrase_tokens,
+                    text_pass.phrase_ids,
+                    min_score=self._box_filter.box_threshold,
+                )
+            )
+            state.passes_left[index] -= 1
+            if state.passes_left[index] == 0:
+                state.results[index] = self._finish(batch[index], state.plans[index], state.candidates.pop(index))
 
     def prepare_inputs(self, images: Sequence[Any], token_ids: Sequence[list[int]]) -> dict[str, Any]:
         """Model inputs for one forward: padded pixels with pixel masks, padded text with attention masks."""
@@ -407,6 +432,27 @@ class GroundingDinoGrounder:
                         digest.update(block)
             self._weights_digest = digest.hexdigest()
         return self._weights_digest
+
+
+class _PassState:
+    """Book-keeping of one `ground` call across forwards: candidates, passes still to run, results."""
+
+    def __init__(self, plans: dict[int, PromptPlan]):
+        self.plans = plans
+        self.candidates: dict[int, list[PhraseBox]] = {index: [] for index in plans}
+        self.passes_left = {index: len(plan.passes) for index, plan in plans.items()}
+        self.results: dict[int, GroundingResult] = {}
+        self.failed: set[int] = set()
+
+    def fail(self, index: int, request: GroundingRequest, error: Exception) -> None:
+        """Drop request `index` with STAGE_ERROR (its pass failed even alone)."""
+        if index in self.failed:
+            return
+        self.failed.add(index)
+        self.candidates.pop(index, None)
+        result = ungroundable_result(len(request.phrases), DropReason.STAGE_ERROR)
+        result.info["error"] = f"{type(error).__name__}: {error}"
+        self.results[index] = result
 
 
 def _special_token_ids(tokenizer: Any) -> dict[str, int]:

@@ -261,3 +261,46 @@ def test_threaded_preprocessing_equals_one_processor_call(tiny_detector):
     got = grounder.preprocess_images(images)
     assert torch.equal(got["pixel_values"], expected["pixel_values"])
     assert torch.equal(got["pixel_mask"], expected["pixel_mask"])
+
+
+class _FailingModel:
+    """Wraps the real model; raises for forwards that `fails(pixel_values)` says should fail."""
+
+    def __init__(self, model, fails):
+        self.model, self.fails = model, fails
+
+    def __call__(self, **inputs):
+        if self.fails(inputs["pixel_values"]):
+            raise RuntimeError("simulated failure")
+        return self.model(**inputs)
+
+
+def test_a_failed_batch_is_retried_pass_by_pass(tiny_detector, monkeypatch):
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0, batch_size=4))
+    caption = "a dog on a bed"
+    requests = [_request(caption, _phrases(caption, "a dog", "a bed"), _image(64, 64, s), key=str(s)) for s in range(3)]
+    expected = grounder.ground(requests)
+    monkeypatch.setattr(grounder, "model", _FailingModel(grounder.model, lambda pixels: pixels.shape[0] > 1))
+    got = grounder.ground(requests)  # like an out-of-memory error at batch 3 that batch 1 avoids
+    assert [r.drop_reason for r in got] == [None] * 3
+    assert [[len(b) for b in r.boxes] for r in got] == [[len(b) for b in r.boxes] for r in expected]
+
+
+def test_a_request_whose_own_pass_fails_is_dropped_with_stage_error(tiny_detector, monkeypatch):
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0, batch_size=4))
+    caption = "a dog on a bed"
+    phrases = _phrases(caption, "a dog", "a bed")
+    poison = Image.new("RGB", (64, 64), (0, 0, 0))  # flat pixels mark the request to fail
+
+    def flat(pixels):
+        return any(bool((row == row.flatten()[0]).all()) for row in pixels[:, 0])
+
+    requests = [_request(caption, phrases, _image(64, 64, 0), "a"), _request(caption, phrases, poison, "b"),
+                _request(caption, phrases, _image(64, 64, 1), "c")]
+    monkeypatch.setattr(grounder, "model", _FailingModel(grounder.model, flat))
+    good, bad, other = grounder.ground(requests)
+    assert good.drop_reason is None and other.drop_reason is None
+    assert bad.drop_reason is DropReason.STAGE_ERROR and "simulated failure" in bad.info["error"]
+    monkeypatch.setattr(grounder.model, "fails", lambda pixels: True)  # fails whatever the data: not isolated
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        grounder.ground(requests)
