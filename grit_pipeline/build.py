@@ -98,7 +98,13 @@ class ShardSink:
         self.folder = Path(config.out_dir) / SHARDS_DIR
         self.progress = progress
         self.failures: dict[int, str] = {}
+        self.started: dict[int, float] = {}
+        self.seconds: dict[int, float] = {}
         self.models: dict[str, Any] = {}
+
+    def begin(self, index: int) -> None:
+        """Note that work on shard `index` has started (for its timing in the manifest)."""
+        self.started.setdefault(index, time.monotonic())
 
     def write(self, header: ShardHeader, items: Sequence[WorkItem]) -> None:
         """Write output shard `header.shard` from its items (any order); failures are recorded, not raised."""
@@ -114,6 +120,8 @@ class ShardSink:
                     self.models.setdefault(str(item.grounder.get("grounder")), item.grounder)
             write_shard(self.folder, header.shard, [to_output(item) for item in ordered], header.source,
                         header.errors)
+            if header.shard in self.started:
+                self.seconds[header.shard] = round(time.monotonic() - self.started[header.shard], 3)
             self.progress.shards_done += 1
         except Exception as exc:  # a shard that cannot be written fails alone
             self.fail(header.shard, f"write failed: {type(exc).__name__}: {exc}")
@@ -200,14 +208,28 @@ def runner_for(config: BuildConfig) -> Any:
 
 def _finish(config: BuildConfig, shards: list[InputShard], sink: ShardSink, timings: dict[str, Any]) -> dict[str, Any]:
     folder = Path(config.out_dir) / SHARDS_DIR
+    previous_seconds = _previous_shard_seconds(Path(config.out_dir) / MANIFEST_FILE)
     entries = []
     for index in range(len(shards)):
         stats = read_stats(folder, index)
-        entries.append(shard_entry(shard_name(index), stats, sink.failures.get(index, "not written")))
+        entry = shard_entry(shard_name(index), stats, sink.failures.get(index, "not written"))
+        entry["seconds"] = sink.seconds.get(index, previous_seconds.get(entry["name"]))
+        entries.append(entry)
     manifest = build_manifest(config.to_dict(), config.fingerprint(), entries, models=_models(config, sink),
                               inputs=fingerprint_inputs(config.inputs), timings=timings)
     write_manifest(config.out_dir, manifest)
     return manifest
+
+
+def _previous_shard_seconds(manifest: Path) -> dict[str, float]:
+    """Per-shard seconds recorded by an earlier run of this build (kept for shards it finished)."""
+    if not manifest.is_file():
+        return {}
+    try:
+        shards = json.loads(manifest.read_text(encoding="utf-8")).get("shards", [])
+    except ValueError:
+        return {}
+    return {e["name"]: e["seconds"] for e in shards if isinstance(e, dict) and e.get("seconds") is not None}
 
 
 def _models(config: BuildConfig, sink: ShardSink) -> dict[str, Any]:

@@ -115,3 +115,16 @@ def _run_until_killed(command: list[str], out: Path, wanted_stats: int) -> None:
     if process.poll() is None:
         os.kill(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def test_config_round_trips_and_its_fingerprint_ignores_only_where_it_runs(tmp_path: Path) -> None:
+    config = _config(tmp_path, tmp_path / "out", serialize=SerializeConfig(mode="phrase"))
+    again = BuildConfig.from_dict(config.to_dict())
+    assert again == config and again.fingerprint() == config.fingerprint()
+    elsewhere = _config(tmp_path, tmp_path / "other", runner="ray", ray_address="ray://head:10001")
+    assert elsewhere.fingerprint() == _config(tmp_path, tmp_path / "out").fingerprint()
+    assert _config(tmp_path, tmp_path / "out", batch_size=7).fingerprint() != elsewhere.fingerprint()
+    with pytest.raises(ValueError, match="key_digits"):
+        _config(tmp_path, tmp_path / "out", key_digits=3)
+    with pytest.raises(ValueError, match="grounder"):
+        _config(tmp_path, tmp_path / "out", grounder="glip")

@@ -18,6 +18,7 @@ def run_local(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sin
     """Read, process and write each pending shard in turn; a shard that raises is recorded as failed."""
     stages = make_stages(config)
     for number, (index, shard) in enumerate(shards):
+        sink.begin(index)
         try:
             header, items = read_shard(index, shard, config.key_digits)
             for batch in shard_batches(items, config.batch_size):

@@ -157,8 +157,10 @@ def run_ray(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sink:
             if isinstance(row, ShardHeader):
                 index = row.shard
                 headers[index] = row
+                sink.begin(index)
             else:
                 index = row[0].shard
+                sink.begin(index)
                 buffers[index].extend(row)
                 progress.add(row)
             header = headers.get(index)
