@@ -71,6 +71,7 @@ class InputShard:
     start: int = 0
     stop: int | None = None
     images: str | None = None
+    byte_offset: int = 0  # where line `start` begins, for captions.jsonl shards
 
     def read(self) -> ShardContents:
         """Read every sample of the shard; read errors are collected, never raised."""
@@ -123,12 +124,18 @@ def _tar_files(folder: Path) -> list[Path]:
 
 
 def _captions_shards(jsonl: Path, samples_per_shard: int) -> list[InputShard]:
+    offsets = [0]  # byte offset of every shard's first line, so a shard is read without the lines before it
+    lines, position = 0, 0
     with open(jsonl, "rb") as handle:
-        lines = sum(1 for _ in handle)
+        for line in handle:
+            lines += 1
+            position += len(line)
+            if lines % samples_per_shard == 0:
+                offsets.append(position)
     return [
         InputShard("captions", str(jsonl), f"{CAPTIONS_FILE}[{start}:{min(start + samples_per_shard, lines)}]",
-                   start, min(start + samples_per_shard, lines), str(jsonl.parent))
-        for start in range(0, max(lines, 1), samples_per_shard)
+                   start, min(start + samples_per_shard, lines), str(jsonl.parent), offsets[number])
+        for number, start in enumerate(range(0, max(lines, 1), samples_per_shard))
     ]
 
 
@@ -322,9 +329,8 @@ def read_captions_shard(shard: InputShard) -> ShardContents:
     samples = []
     root = Path(shard.images or Path(shard.path).parent).resolve()
     with open(shard.path, "rb") as handle:
-        for number, line in enumerate(handle):
-            if number < shard.start:
-                continue
+        handle.seek(shard.byte_offset)
+        for number, line in enumerate(handle, start=shard.start):
             if shard.stop is not None and number >= shard.stop:
                 break
             samples.append(_caption_line_sample(number, line, root))
