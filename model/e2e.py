@@ -169,10 +169,10 @@ def evaluate(checkpoint: str, cases: list[PhraseCase], baseline: Box) -> dict[st
     from grit_pipeline.model.generate import Generator
 
     generator = Generator(checkpoint, device="cpu")
+    prompts = [f"<grounding><phrase> {case.phrase}</phrase>" for case in cases]
+    generations = generator.generate_batch([case.image for case in cases], prompts, max_new_tokens=4)
     model_ious, baseline_ious, unparsed = [], [], 0
-    for case in cases:
-        prompt = f"<grounding><phrase> {case.phrase}</phrase>"
-        generation = generator.generate(case.image, prompt, max_new_tokens=4)
+    for case, generation in zip(cases, generations, strict=True):
         boxes = [box for entity in generation.entities for box in entity.boxes]
         if not boxes:
             unparsed += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,12 +49,14 @@ class Generator:
     def __init__(self, checkpoint: str | Path, device: str = "auto"):
         import torch
         from transformers import Kosmos2ForConditionalGeneration
+        from transformers.utils import logging as hf_logging
 
         from grit_pipeline.model.presets import image_size_of
         from grit_pipeline.model.tokenizer import load_processor
 
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
+        hf_logging.disable_progress_bar()  # keep stdout/stderr to the JSON result
         self.processor = load_processor(checkpoint)
         self.model = Kosmos2ForConditionalGeneration.from_pretrained(str(checkpoint)).to(self.device).eval()
         self.image_size = image_size_of(self.model)
@@ -81,13 +84,34 @@ class Generator:
 
     def generate(self, image: bytes | Image.Image, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 64) -> Generation:
         """Greedy grounded generation after `prompt`, parsed with Kosmos2Processor.post_process_generation."""
+        return self.generate_batch([image], [prompt], max_new_tokens)[0]
+
+    def generate_batch(self, images: Sequence[bytes | Image.Image], prompts: Sequence[str],
+                       max_new_tokens: int = 64, batch_size: int = 64) -> list[Generation]:
+        """Greedy generation for many (image, prompt) pairs; prompts of equal token length share a batch."""
+        by_length: dict[int, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            length = len(self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            by_length.setdefault(length, []).append(index)
+        results: list[Generation | None] = [None] * len(prompts)
+        for indices in by_length.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                texts = self._generate_texts([self.prepare_image(images[i]) for i in chunk],
+                                             [prompts[i] for i in chunk], max_new_tokens)
+                for index, text in zip(chunk, texts, strict=True):
+                    results[index] = self._parse(text)
+        return [r for r in results if r is not None]
+
+    def _generate_texts(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Decoded texts (control tokens kept) for prompts of one token length (so no padding is needed)."""
         import torch
 
-        image = self.prepare_image(image)
-        inputs = self.processor(text=prompt, images=image, return_tensors="pt")
+        inputs = self.processor(text=prompts, images=images, return_tensors="pt")
+        pixel_values = torch.cat([self.pixel_values(image) for image in images])
         with torch.no_grad():
             generated = self.model.generate(
-                pixel_values=self.pixel_values(image).to(self.device),
+                pixel_values=pixel_values.to(self.device),
                 input_ids=inputs["input_ids"].to(self.device),
                 attention_mask=inputs["attention_mask"].to(self.device),
                 image_embeds=None,
@@ -96,7 +120,10 @@ class Generator:
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
             )
-        text = self.processor.batch_decode(generated, skip_special_tokens=True)[0]
+        return self.processor.batch_decode(generated, skip_special_tokens=True)
+
+    def _parse(self, text: str) -> Generation:
+        """Raw text after </image>, and the caption and entities from post_process_generation."""
         raw = self.processor.post_process_generation(text, cleanup_and_extract=False)
         caption, entities = self.processor.post_process_generation(text)
         return Generation(raw, caption, tuple(

@@ -275,6 +275,9 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
 
 def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> TrainResult:
     """Run (or resume) training; `stop_after` ends this invocation after that many steps (with a checkpoint)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save/load bars would interleave with the training bar
     dist = setup_distributed(config.device)
     run_dir = Path(config.out)
     if dist.is_main:

@@ -1,0 +1,156 @@
+"""Training: the loss falls, resume continues exactly, checkpoints, --init fine-tuning, the CLI and presets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from grit_pipeline.model.data import DataConfig
+from grit_pipeline.model.presets import PRESETS, count_parameters, get_preset
+from grit_pipeline.model.scene_shards import write_scene_shards
+from grit_pipeline.model.train import TrainConfig, latest_checkpoint, lr_factor, train
+from grit_pipeline.synthetic import generate_scenes
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return generate_scenes(64, seed=11, size=(96, 96))
+
+
+@pytest.fixture(scope="module")
+def shard_dir(scenes, tmp_path_factory):
+    return write_scene_shards(scenes, tmp_path_factory.mktemp("build"), per_shard=16)
+
+
+def _config(shard_dir, out, **overrides):
+    data = DataConfig(shards=str(shard_dir), batch_size=8, num_workers=0, shuffle_buffer=16, grounded_prob=0.5)
+    fields = {"out": str(out), "data": data, "steps": 6, "lr": 2e-3, "warmup_steps": 2, "vocab_size": 300,
+              "checkpoint_every": 3, "progress": False, "seed": 1}
+    return TrainConfig(**{**fields, **overrides})
+
+
+def test_loss_falls(shard_dir, tmp_path):
+    result = train(_config(shard_dir, tmp_path / "run", steps=14, checkpoint_every=100))
+    assert len(result.losses) == 14
+    assert sum(result.losses[-3:]) / 3 < 0.7 * sum(result.losses[:3]) / 3
+
+
+def test_resume_continues_exactly(shard_dir, tmp_path):
+    straight = train(_config(shard_dir, tmp_path / "straight"))
+    config = _config(shard_dir, tmp_path / "resumed")
+    first = train(config, stop_after=3)
+    assert first.step == 3
+    second = train(config, resume=True)
+    assert second.step == 6
+    assert first.losses + second.losses == straight.losses
+
+
+def test_checkpoint_contents(shard_dir, tmp_path):
+    run = tmp_path / "run"
+    train(_config(shard_dir, run, steps=3, checkpoint_every=2, keep_checkpoints=1))
+    checkpoint = latest_checkpoint(run)
+    assert checkpoint is not None and checkpoint.name == "step_00000003"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000003"]  # older one pruned
+    for name in ("model.safetensors", "config.json", "optimizer.pt", "state.json", "tokenizer.json"):
+        assert (checkpoint / name).exists(), name
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["step"] == 3
+    assert state["data_positions"][0]["cursors"] == {"0": 24}  # 3 batches of 8 raw samples
+    assert state["train_config"]["data"]["batch_size"] == 8
+    assert json.loads((run / "config.json").read_text())["preset"] == "tiny"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and {"loss", "samples_per_s", "tokens_per_s", "lr"} <= set(metrics[-1])
+
+
+def test_init_fine_tunes_a_pretrained_checkpoint_with_its_processor(shard_dir, tmp_path, scenes):
+    from grit_pipeline.model.presets import build_model
+    from grit_pipeline.model.tokenizer import build_processor, build_tokenizer
+
+    tokenizer = build_tokenizer([s.caption for s in scenes], vocab_size=350, min_frequency=1)
+    pretrained = tmp_path / "pretrained"
+    build_model(get_preset("tiny"), len(tokenizer)).save_pretrained(pretrained)
+    build_processor(tokenizer, 64).save_pretrained(pretrained)
+    result = train(_config(shard_dir, tmp_path / "run", init=str(pretrained), steps=2, checkpoint_every=2))
+    assert result.step == 2
+    assert not (tmp_path / "run" / "processor").exists()  # the checkpoint's own processor, no new tokenizer
+    saved = json.loads((latest_checkpoint(tmp_path / "run") / "tokenizer.json").read_text())
+    assert len(saved["model"]["vocab"]) == len(json.loads((pretrained / "tokenizer.json").read_text())["model"]["vocab"])
+
+
+def test_cli_train_then_generate(shard_dir, tmp_path, scenes):
+    from grit_pipeline.cli import main
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(main, ["train", "--shards", str(shard_dir), "--preset", "tiny", "--steps", "2",
+                                  "--out", str(run), "--batch-size", "4", "--workers", "0", "--warmup-steps", "1",
+                                  "--vocab-size", "300"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 2 and summary["checkpoint"].endswith("step_00000002")
+    image = tmp_path / "scene.jpg"
+    scenes[0].image.save(image)
+    png = tmp_path / "boxes.png"
+    result = runner.invoke(main, ["generate", "--checkpoint", str(run), "--image", str(image), "--prompt",
+                                  "<grounding><phrase> a red circle</phrase>", "--max-new-tokens", "6",
+                                  "--png", str(png)])
+    assert result.exit_code == 0, result.output
+    generation = json.loads(result.stdout.strip().splitlines()[-1])
+    assert generation["text"].startswith("<grounding><phrase> a red circle</phrase>")
+    assert set(generation) == {"text", "caption", "entities"} and png.exists()
+
+
+def test_generation_parses_boxes_with_the_processor(shard_dir, tmp_path, scenes):
+    """A model forced to emit an object parses into the entity and box transformers decodes."""
+    from grit_pipeline.model.generate import Generator
+
+    run = tmp_path / "run"
+    train(_config(shard_dir, run, steps=1, checkpoint_every=1))
+    generator = Generator(str(latest_checkpoint(run)), device="cpu")
+    tokenizer = generator.processor.tokenizer
+    forced = tokenizer.convert_tokens_to_ids(["<object>", "<patch_index_0033>", "<patch_index_0990>", "</object>"])
+    sequence = iter(forced)
+
+    def force(input_ids, scores):  # the untrained model's scores replaced by one certain token per step
+        out = torch.full_like(scores, -1e9)
+        out[:, next(sequence, tokenizer.eos_token_id)] = 0
+        return out
+
+    from transformers import LogitsProcessorList
+
+    original = generator.model.generate
+    generator.model.generate = lambda **kw: original(**kw, logits_processor=LogitsProcessorList([force]))
+    result = generator.generate(scenes[0].image, "<grounding><phrase> a red circle</phrase>", max_new_tokens=5)
+    assert [e.phrase for e in result.entities] == ["a red circle"]
+    box = result.entities[0].boxes[0]
+    # patch 33 = row 1, col 1; patch 990 = row 30, col 30; boxes decode to cell centres
+    assert box.as_tuple() == pytest.approx((1.5 / 32, 1.5 / 32, 30.5 / 32, 30.5 / 32))
+
+
+def test_lr_schedule_warms_up_then_decays_linearly():
+    factors = [lr_factor(s, 4, 12) for s in range(12)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and factors[-1] == pytest.approx(1 / 8)
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:], strict=False))
+
+
+def test_kosmos2_preset_is_the_released_architecture():
+    preset = PRESETS["kosmos-2"]
+    config = preset.to_config(65037)
+    assert (config.vision_config.image_size, config.vision_config.patch_size) == (224, 14)
+    assert (config.text_config.layers, config.text_config.embed_dim, config.text_config.ffn_dim) == (24, 2048, 8192)
+    assert config.latent_query_num == 64
+    parameters = count_parameters(preset, 65037)
+    assert 1.5e9 < parameters < 1.8e9
+
+
+def test_preset_validation():
+    with pytest.raises(ValueError):
+        get_preset("huge")
+    with pytest.raises(ValueError, match="latent_query_num"):
+        PRESETS["tiny"].__class__(**{**PRESETS["tiny"].as_dict(), "latent_query_num": 32})
