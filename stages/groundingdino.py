@@ -52,6 +52,7 @@ class GroundingConfig:
     dtype: str = "auto"
     max_text_tokens: int = 256
     preprocess_threads: int | None = None
+    fast_preprocessing: bool = True
     local_files_only: bool = False
     revision: str | None = None
 
@@ -235,6 +236,7 @@ class GroundingDinoGrounder:
         self.max_text_tokens = min(self.config.max_text_tokens, getattr(model.config, "max_text_len", 256))
         self._weights_digest: str | None = None
         self.preprocess_threads = self.config.preprocess_threads or _default_preprocess_threads(self.device)
+        self.fast_preprocessing = self.config.fast_preprocessing and is_standard_processor(self.image_processor)
 
     def ground(self, batch: Sequence[GroundingRequest]) -> list[GroundingResult]:
         """Ground every request; requests without image or phrases come back dropped with the reason."""
@@ -344,44 +346,79 @@ class GroundingDinoGrounder:
                 state.results[index] = self._finish(batch[index], state.plans[index], state.candidates.pop(index))
 
     def prepare_inputs(self, images: Sequence[Any], token_ids: Sequence[list[int]]) -> dict[str, Any]:
-        """Model inputs for one forward: padded pixels with pixel masks, padded text with attention masks."""
+        """Model inputs for one forward, on the device: pixels with pixel masks, text with attention masks."""
         import torch
 
-        pixels = self.preprocess_images(images)
         longest = max(len(ids) for ids in token_ids)
         input_ids = torch.zeros((len(token_ids), longest), dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, ids in enumerate(token_ids):
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
-        inputs = {
-            "pixel_values": pixels["pixel_values"],
-            "pixel_mask": pixels["pixel_mask"],
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "token_type_ids": torch.zeros_like(input_ids),
-        }
+        text = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+        if not self.fast_preprocessing:
+            return self._to_device({**text, **self.image_processor(images=list(images), return_tensors="pt")})
+        # 8-bit pixels travel to the device (a quarter of the bytes) and are normalised there
+        pixels_uint8, pixel_mask = self._resize_and_pad(images)
+        inputs = self._to_device({**text, "pixel_values": pixels_uint8, "pixel_mask": pixel_mask})
+        inputs["pixel_values"] = self._normalise(inputs["pixel_values"], inputs["pixel_mask"])
+        return inputs
+
+    def _to_device(self, tensors: dict[str, Any]) -> dict[str, Any]:
         on_cuda = self.device.startswith("cuda")
         return {
             name: (tensor.pin_memory() if on_cuda else tensor).to(self.device, non_blocking=True)
-            for name, tensor in inputs.items()
+            for name, tensor in tensors.items()
         }
 
     def preprocess_images(self, images: Sequence[Any]) -> dict[str, Any]:
-        """The checkpoint's own image processor, split over `preprocess_threads` threads (PIL releases the GIL).
+        """pixel_values and pixel_mask on the CPU, as the checkpoint's image processor makes them for one batch."""
+        if not self.fast_preprocessing:
+            return self.image_processor(images=list(images), return_tensors="pt")
+        pixels_uint8, pixel_mask = self._resize_and_pad(images)
+        return {"pixel_values": self._normalise(pixels_uint8, pixel_mask), "pixel_mask": pixel_mask}
 
-        Each slice is padded by the processor to its own largest image; slices are then zero-padded
-        bottom-right to the batch's largest, exactly as the processor pads one batch.
+    def _resize_and_pad(self, images: Sequence[Any]) -> tuple[Any, Any]:
+        """8-bit (batch, 3, H, W) pixels resized exactly as the processor does, zero-padded bottom-right, and the mask.
+
+        Resizing uses the processor's own size rule and PIL filter; on an accelerator it is spread over
+        `preprocess_threads` threads (PIL releases the GIL while resizing).
         """
-        from concurrent.futures import ThreadPoolExecutor
+        import numpy as np
+        import torch
+        from transformers.image_transforms import get_size_with_aspect_ratio
 
-        images = list(images)
-        slices = [images[i :: self.preprocess_threads] for i in range(min(self.preprocess_threads, len(images)))]
-        if len(slices) == 1:
-            return self.image_processor(images=images, return_tensors="pt")
-        with ThreadPoolExecutor(max_workers=len(slices), thread_name_prefix="grit-resize") as pool:
-            parts = list(pool.map(lambda part: self.image_processor(images=part, return_tensors="pt"), slices))
-        return _interleave_padded(parts, len(images))
+        size, resample = self.image_processor.size, self.image_processor.resample
+
+        def resize(image: Any) -> Any:
+            height, width = get_size_with_aspect_ratio((image.height, image.width), size.shortest_edge, size.longest_edge)
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            return torch.from_numpy(np.array(rgb.resize((width, height), resample=resample))).permute(2, 0, 1)
+
+        if self.preprocess_threads > 1 and len(images) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(self.preprocess_threads, thread_name_prefix="grit-resize") as pool:
+                resized = list(pool.map(resize, images))
+        else:
+            resized = [resize(image) for image in images]
+        height, width = max(r.shape[1] for r in resized), max(r.shape[2] for r in resized)
+        pixels = torch.zeros((len(resized), 3, height, width), dtype=torch.uint8)
+        mask = torch.zeros((len(resized), height, width), dtype=torch.long)
+        for row, image in enumerate(resized):
+            pixels[row, :, : image.shape[1], : image.shape[2]] = image
+            mask[row, : image.shape[1], : image.shape[2]] = 1
+        return pixels, mask
+
+    def _normalise(self, pixels_uint8: Any, pixel_mask: Any) -> Any:
+        """Rescale and normalise like the processor; padding stays 0 (the processor pads after normalising)."""
+        import torch
+
+        processor = self.image_processor
+        mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=pixels_uint8.device).view(1, -1, 1, 1)
+        std = torch.tensor(processor.image_std, dtype=torch.float32, device=pixels_uint8.device).view(1, -1, 1, 1)
+        values = (pixels_uint8.float() * processor.rescale_factor - mean) / std
+        return values * pixel_mask[:, None].to(values.dtype)
 
     def forward(self, images: Sequence[Any], token_ids: Sequence[list[int]]) -> tuple[Any, Any]:
         """Token probabilities (batch, queries, tokens) and corner boxes (batch, queries, 4) as numpy."""
@@ -469,20 +506,23 @@ def _default_preprocess_threads(device: str) -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def _interleave_padded(parts: list[dict[str, Any]], count: int) -> dict[str, Any]:
-    """Reassemble slices `images[i::n]` into one zero-padded batch in the original order."""
-    import torch
+def is_standard_processor(processor: Any) -> bool:
+    """True when the processor does exactly resize (shortest/longest edge), rescale, normalise, pad.
 
-    height = max(p["pixel_values"].shape[-2] for p in parts)
-    width = max(p["pixel_values"].shape[-1] for p in parts)
-    channels = parts[0]["pixel_values"].shape[1]
-    values = torch.zeros((count, channels, height, width), dtype=parts[0]["pixel_values"].dtype)
-    mask = torch.zeros((count, height, width), dtype=parts[0]["pixel_mask"].dtype)
-    for offset, part in enumerate(parts):
-        h, w = part["pixel_values"].shape[-2:]
-        values[offset :: len(parts), :, :h, :w] = part["pixel_values"]
-        mask[offset :: len(parts), :h, :w] = part["pixel_mask"]
-    return {"pixel_values": values, "pixel_mask": mask}
+    Only then are its steps reproduced by the fast path (tested equal to the processor); any other
+    configuration goes through the processor itself.
+    """
+    size = getattr(processor, "size", None)
+    return bool(
+        getattr(processor, "do_resize", False)
+        and getattr(size, "shortest_edge", None)
+        and getattr(size, "longest_edge", None)
+        and getattr(processor, "do_rescale", False)
+        and getattr(processor, "do_normalize", False)
+        and getattr(processor, "do_pad", False)
+        and getattr(processor, "pad_size", None) is None
+        and not getattr(processor, "do_center_crop", False)
+    )
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

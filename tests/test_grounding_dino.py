@@ -18,6 +18,7 @@ from grit_pipeline.stages.groundingdino import (
     DetectorUnavailableError,
     GroundingConfig,
     GroundingDinoGrounder,
+    is_standard_processor,
     load_detector,
 )
 from grit_pipeline.stages.text import Phrase
@@ -252,15 +253,38 @@ def test_bench_detector_reports_both_rates(tiny_detector):
     assert report["text_passes"] == 4
 
 
-def test_threaded_preprocessing_equals_one_processor_call(tiny_detector):
+@pytest.mark.parametrize("default_processor", [False, True])  # True: grounding-dino-tiny's 800/1333 processor
+def test_fast_preprocessing_equals_the_checkpoint_processor(tiny_detector, default_processor):
     import torch
+    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
+        GroundingDinoImageProcessorPil,
+    )
 
     grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, preprocess_threads=3))
-    images = [_image(40 + 13 * i, 200 - 21 * i, i) for i in range(7)]
+    if default_processor:
+        grounder.image_processor = GroundingDinoImageProcessorPil()
+    assert grounder.fast_preprocessing
+    images = [_image(40 + 53 * i, 300 - 31 * i, i) for i in range(7)]
     expected = grounder.image_processor(images=images, return_tensors="pt")
     got = grounder.preprocess_images(images)
-    assert torch.equal(got["pixel_values"], expected["pixel_values"])
+    assert got["pixel_values"].shape == expected["pixel_values"].shape
+    assert torch.allclose(got["pixel_values"], expected["pixel_values"], atol=1e-5, rtol=0)
     assert torch.equal(got["pixel_mask"], expected["pixel_mask"])
+
+
+def test_other_processor_settings_go_through_the_processor(tiny_detector):
+    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
+        GroundingDinoImageProcessorPil,
+    )
+
+    processor = GroundingDinoImageProcessorPil(size={"height": 96, "width": 96})
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0))
+    grounder.image_processor = processor
+    grounder.fast_preprocessing = is_standard_processor(processor)
+    assert not grounder.fast_preprocessing
+    caption = "a dog"
+    (result,) = grounder.ground([_request(caption, _phrases(caption, "a dog"), _image(50, 70, 3))])
+    assert result.drop_reason is None
 
 
 class _FailingModel:
