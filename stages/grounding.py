@@ -161,13 +161,16 @@ def filter_candidates(
     """
     usable: list[PhraseBox] = []
     for candidate in candidates:
-        box = candidate.box.clamped() if candidate.box.is_finite() else candidate.box
-        if box.is_degenerate():
-            if dropped is not None:
-                dropped[DropReason.DEGENERATE_BOX] += 1
-            continue
+        box = candidate.box
+        if not box.is_valid():
+            box = box.clamped() if box.is_finite() else box
+            if box.is_degenerate():
+                if dropped is not None:
+                    dropped[DropReason.DEGENERATE_BOX] += 1
+                continue
+            candidate = PhraseBox(candidate.phrase, box, candidate.score)
         if candidate.score > box_filter.box_threshold:
-            usable.append(PhraseBox(candidate.phrase, box, candidate.score))
+            usable.append(candidate)
     if box_filter.nms_iou is None:
         return sorted(usable, key=lambda c: -c.score)
     return nms(usable, box_filter.nms_iou)
@@ -235,10 +238,11 @@ def assign_boxes(
     scores = phrase_scores(token_probs, phrase_tokens)
     best = scores.argmax(axis=1)
     best_scores = scores[np.arange(scores.shape[0]), best]
-    corners = np.asarray(corner_boxes, dtype=np.float64)
+    keep = np.flatnonzero(best_scores > min_score)
+    corners = np.asarray(corner_boxes, dtype=np.float64)[keep].tolist()
     return [
-        PhraseBox(phrase_ids[int(best[q])], Box(*(float(v) for v in corners[q])), float(best_scores[q]))
-        for q in np.flatnonzero(best_scores > min_score)
+        PhraseBox(phrase_ids[column], Box(*box), score)
+        for column, box, score in zip(best[keep].tolist(), corners, best_scores[keep].tolist(), strict=True)
     ]
 
 
