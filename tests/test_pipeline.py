@@ -279,3 +279,17 @@ def test_ray_restarts_a_killed_stage_worker_and_the_output_is_unchanged(tmp_path
     assert killed, "no stage worker was found to kill"
     assert distributed.ok, distributed.manifest["failed_shards"]
     assert [e["sha256"] for e in distributed.manifest["shards"]] == [e["sha256"] for e in local.manifest["shards"]]
+
+
+def test_progress_lines_and_the_summary_table(tmp_path: Path, inputs) -> None:
+    import io
+
+    from grit_pipeline.build import summary_table
+
+    stream = io.StringIO()
+    result = run_build(_config([inputs[1]], tmp_path / "out", progress_interval=1e-6), stream=stream)
+    lines = stream.getvalue().splitlines()
+    assert lines and all(line.startswith("[grit build] ") for line in lines)
+    assert "samples" in lines[-1] and "/s kept 100.0%" in lines[-1] and "drops: none" in lines[-1]
+    table = summary_table(result)
+    assert "input samples  6" in table and "kept           6 (100.0%)" in table
