@@ -8,6 +8,7 @@ A shard is the unit of work and of resume: output shard i is made from input sha
 
 from __future__ import annotations
 
+import sys
 import traceback
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -323,7 +324,6 @@ class SerializeStage:
         return items
 
 
-STAGE_CLASSES: tuple[Callable[..., Any], ...] = (DecodeStage, PhraseStage, GroundStage, ExpandStage, SerializeStage)
 
 
 def make_grounder(config: BuildConfig, kind: str) -> Grounder:
@@ -340,7 +340,7 @@ def make_grounder(config: BuildConfig, kind: str) -> Grounder:
 
 
 def make_stages(config: BuildConfig) -> list[Callable[[list[WorkItem]], list[WorkItem]]]:
-    """The stage objects of a build, in order (heavy models load here)."""
+    """The stage objects of a build, in order (their models load on first use, once per worker)."""
     return [DecodeStage(config), PhraseStage(config), GroundStage(config), ExpandStage(config), SerializeStage(config)]
 
 
@@ -354,6 +354,8 @@ def run_stage(stage: Callable[[list[WorkItem]], list[WorkItem]], items: list[Wor
     except StageSetupError:
         raise
     except Exception:  # a bug or a poisoned sample: isolate it rather than failing the shard
+        # Stages are idempotent on an item (they recompute, skipping dropped items), so re-running the
+        # items the failed batch call already touched is safe; only their span-drop counts may repeat.
         return [_run_one(stage, item) for item in items]
 
 
@@ -370,7 +372,7 @@ def _run_one(stage: Callable[[list[WorkItem]], list[WorkItem]], item: WorkItem) 
 
 
 def _last_frame() -> str:
-    frames = traceback.extract_tb(__import__("sys").exc_info()[2])
+    frames = traceback.extract_tb(sys.exc_info()[2])
     return f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
 
 
