@@ -51,8 +51,20 @@ class WorkItem:
     record: GritRecord | None = None
     text: str | None = None
     n_spans: int = 0
-    span_drops: Counter[DropReason] = field(default_factory=Counter)
+    stage_drops: dict[str, Counter[DropReason]] = field(default_factory=dict)
     grounder: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def span_drops(self) -> Counter[DropReason]:
+        """Chunks, spans and boxes dropped inside this sample, by reason, over all stages."""
+        total: Counter[DropReason] = Counter()
+        for counts in self.stage_drops.values():
+            total.update(counts)
+        return total
+
+    def set_drops(self, stage: str, counts: Counter[DropReason]) -> None:
+        """Record what `stage` dropped inside the sample (replacing, so a re-run stage never counts twice)."""
+        self.stage_drops[stage] = Counter(counts)
 
     @property
     def alive(self) -> bool:
@@ -171,7 +183,7 @@ class PhraseStage:
         except Exception as exc:
             raise StageSetupError(f"phrases: {exc}") from exc
         for item, result in zip(todo, self.extractor([i.sample.caption or "" for i in todo]), strict=True):
-            item.span_drops.update(result.dropped)
+            item.set_drops(self.name, result.dropped)
             if result.drop_reason is not None:
                 item.drop(result.drop_reason)
             elif not result.phrases:
@@ -218,7 +230,7 @@ class GroundStage:
         for item, request, result in zip(items, requests, grounder.ground(requests), strict=True):
             item.grounder = description
             item.grounding = result
-            item.span_drops.update(result.dropped)
+            item.set_drops(self.name, result.dropped)
             if item.phrases is None:
                 item.phrases = list(request.phrases)
             if result.drop_reason is not None:
@@ -235,7 +247,9 @@ def grounding_request(item: WorkItem) -> Any:
     annotations = None
     if supplied is not None:
         width, height = (decoded.width, decoded.height) if decoded is not None else (None, None)
-        annotations = parse_annotations(supplied, width, height, item.span_drops)
+        dropped: Counter[DropReason] = Counter()
+        annotations = parse_annotations(supplied, width, height, dropped)
+        item.set_drops("annotations", dropped)
     if item.phrases is not None:
         phrases = item.phrases
     else:
@@ -315,7 +329,7 @@ class SerializeStage:
             if not item.alive or item.record is None:
                 continue
             result = serialize_record(item.record, self.config)
-            item.span_drops.update(result.dropped)
+            item.set_drops(self.name, result.dropped)
             if result.text is None:
                 item.drop(result.drop_reason or DropReason.NO_SPAN_SERIALISED)
             else:
@@ -354,8 +368,8 @@ def run_stage(stage: Callable[[list[WorkItem]], list[WorkItem]], items: list[Wor
     except StageSetupError:
         raise
     except Exception:  # a bug or a poisoned sample: isolate it rather than failing the shard
-        # Stages are idempotent on an item (they recompute, skipping dropped items), so re-running the
-        # items the failed batch call already touched is safe; only their span-drop counts may repeat.
+        # Stages are idempotent on an item (they recompute, skip dropped items and replace their drop
+        # counts), so re-running the items the failed batch call already touched is safe.
         return [_run_one(stage, item) for item in items]
 
 
