@@ -13,7 +13,7 @@ import hashlib
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,16 @@ from grit_pipeline.stages.grounding import (
     GroundingRequest,
     GroundingResult,
     PhraseBox,
+    PromptPlan,
+    TextPass,
     assign_boxes,
+    plan_prompts,
     result_from_candidates,
     ungroundable_result,
 )
 
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-# "." and "?" are the model's phrase delimiters (with [CLS]/[SEP]); inside a chunk they would split it.
-_DELIMITER_CHARS = str.maketrans({".": " ", "?": " "})
 
 
 class DetectorUnavailableError(RuntimeError):
@@ -74,71 +75,6 @@ class GroundingConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
         return asdict(self)
-
-
-@dataclass(slots=True)
-class TextPass:
-    """One text input of the model: token ids and, per prompt phrase in it, its token positions."""
-
-    input_ids: list[int]
-    phrase_tokens: list[list[int]] = field(default_factory=list)
-    phrase_ids: list[int] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class PromptPlan:
-    """The text passes for one caption and, per prompt phrase, the request phrases it stands for."""
-
-    passes: list[TextPass]
-    phrase_targets: list[list[int]]
-    truncated_phrases: int = 0
-
-
-def prompt_text(chunk_text: str) -> str:
-    """A chunk as it appears in the prompt: lower-cased, delimiters removed, whitespace collapsed."""
-    return " ".join(chunk_text.translate(_DELIMITER_CHARS).lower().split())
-
-
-def plan_prompts(
-    chunk_texts: Sequence[str], tokenize: Any, special_ids: dict[str, int], max_text_tokens: int
-) -> PromptPlan:
-    """Pack a caption's chunks into "[CLS] chunk . chunk . [SEP]" passes of at most `max_text_tokens`.
-
-    A chunk text repeated in the caption is prompted once and its boxes go to every occurrence. `tokenize`
-    maps a list of strings to lists of token ids (no special tokens).
-    """
-    unique: dict[str, int] = {}
-    targets: list[list[int]] = []
-    for index, text in enumerate(prompt_text(t) for t in chunk_texts):
-        if not text:
-            continue
-        if text not in unique:
-            unique[text] = len(targets)
-            targets.append([])
-        targets[unique[text]].append(index)
-    token_lists = tokenize(list(unique)) if unique else []
-    longest_phrase = max_text_tokens - 3  # [CLS], its ".", [SEP]
-    truncated = sum(len(tokens) > longest_phrase for tokens in token_lists)
-    passes: list[TextPass] = []
-    current = TextPass([special_ids["cls"]])
-    for phrase_id, tokens in enumerate(token_lists):
-        tokens = list(tokens[:longest_phrase])
-        if len(current.input_ids) + len(tokens) + 2 > max_text_tokens:
-            passes.append(_close(current, special_ids))
-            current = TextPass([special_ids["cls"]])
-        start = len(current.input_ids)
-        current.input_ids.extend(tokens)
-        current.input_ids.append(special_ids["dot"])
-        current.phrase_tokens.append(list(range(start, start + len(tokens))))
-        current.phrase_ids.append(phrase_id)
-    if current.phrase_ids:
-        passes.append(_close(current, special_ids))
-    return PromptPlan(passes=passes, phrase_targets=targets, truncated_phrases=truncated)
-
-
-def _close(text_pass: TextPass, special_ids: dict[str, int]) -> TextPass:
-    text_pass.input_ids.append(special_ids["sep"])
-    return text_pass
 
 
 def resolve_device(device: str) -> str:
@@ -217,6 +153,33 @@ def load_detector(config: GroundingConfig) -> tuple[Any, Any, Any]:
             raise DetectorUnavailableError(_unavailable_message(config.detector, cached_miss)) from cached_miss
     try:
         return _load_parts(config.detector, False, config.revision)
+    except (OSError, ValueError) as exc:
+        raise DetectorUnavailableError(_unavailable_message(config.detector, exc)) from exc
+
+
+def ensure_detector_available(config: GroundingConfig) -> None:
+    """Fail fast, before any output exists: raise DetectorUnavailableError unless the checkpoint can be found.
+
+    Cheap (reads the checkpoint's config only), so a driver can call it before starting workers; the
+    workers' own loading still reports anything missing beyond the config.
+    """
+    from transformers import AutoConfig
+
+    local = Path(config.detector).expanduser()
+    if local.is_dir() or config.detector.startswith((".", "/", "~")):
+        if not (local / "config.json").is_file():
+            raise DetectorUnavailableError(
+                f"{str(local)!r} is not a checkpoint directory (no config.json); save one with save_pretrained"
+            )
+        return
+    try:
+        AutoConfig.from_pretrained(config.detector, local_files_only=True, revision=config.revision)
+        return
+    except OSError as cached_miss:
+        if _hub_offline(config):
+            raise DetectorUnavailableError(_unavailable_message(config.detector, cached_miss)) from cached_miss
+    try:
+        AutoConfig.from_pretrained(config.detector, revision=config.revision)
     except (OSError, ValueError) as exc:
         raise DetectorUnavailableError(_unavailable_message(config.detector, exc)) from exc
 

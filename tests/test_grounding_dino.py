@@ -18,6 +18,7 @@ from grit_pipeline.stages.groundingdino import (
     DetectorUnavailableError,
     GroundingConfig,
     GroundingDinoGrounder,
+    ensure_detector_available,
     is_standard_processor,
     load_detector,
 )
@@ -162,6 +163,15 @@ def test_missing_model_offline_is_a_clear_error(monkeypatch, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DetectorUnavailableError, match="not a GroundingDINO checkpoint"):
         GroundingDinoGrounder(GroundingConfig(detector=str(tmp_path / "empty")))
+
+
+def test_ensure_detector_available_fails_fast(monkeypatch, tmp_path, tiny_detector):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ensure_detector_available(GroundingConfig(detector=tiny_detector))
+    with pytest.raises(DetectorUnavailableError, match="IDEA-Research/grounding-dino-base"):
+        ensure_detector_available(GroundingConfig(detector="IDEA-Research/grounding-dino-base"))
+    with pytest.raises(DetectorUnavailableError, match="no config.json"):
+        ensure_detector_available(GroundingConfig(detector=str(tmp_path)))
 
 
 # --- the command line -------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ from grit_pipeline.stages.grounding import (
     filter_candidates,
     nms,
     phrase_scores,
+    plan_prompts,
+    prompt_text,
     result_from_candidates,
 )
-from grit_pipeline.stages.groundingdino import GroundingConfig, plan_prompts, prompt_text
+from grit_pipeline.stages.groundingdino import GroundingConfig
 
 SPECIAL = {"cls": 101, "sep": 102, "dot": 1012}
 
