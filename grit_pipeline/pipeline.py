@@ -126,7 +126,11 @@ def intake(shard: int, position: int, sample: InputSample, source: dict[str, Any
 
 def _source_record(item: WorkItem) -> GritRecord | None:
     """The GRIT-20M record the input already carries (noun_chunks/ref_exps); malformed ones drop the item."""
-    row = {**item.sample.fields, "key": item.key, "caption": item.sample.caption, "url": item.sample.url}
+    fields = item.sample.fields
+    row = {**fields, "key": item.key, "caption": item.sample.caption, "url": item.sample.url}
+    # img2dataset's width/height are those of the (possibly resized) download; GRIT-20M's are the original's
+    row["width"] = fields.get("original_width", fields.get("width"))
+    row["height"] = fields.get("original_height", fields.get("height"))
     try:
         return GritRecord.from_row({k: row.get(k) for k in _GRIT_FIELDS})
     except MalformedRecordError as exc:
