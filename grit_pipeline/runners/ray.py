@@ -49,8 +49,10 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
-             configure_logging=False)
+    if address is not None:  # attach with the cluster's own settings (Ray Client "ray://" included)
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 def read_rows(row: dict[str, Any], key_digits: int, batch_size: int) -> list[dict[str, bytes]]:
