@@ -15,9 +15,12 @@ fi
 export PYTHONPATH=/tmp/grit-pkg:/tmp/grit-site PYTHONUNBUFFERED=1 PYTHON=python3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+REPO=$(pwd)
 echo "== grounding"
-timeout "${GROUNDING_TIMEOUT:-170}" python3 scripts/gpu_grounding.py ${GROUNDING_ARGS:-} 2>"$OUT/grounding.err" | tee "$OUT/grounding.json"
-tail -5 "$OUT/grounding.err"
+[ -n "${SKIP_GROUNDING:-}" ] || timeout "${GROUNDING_TIMEOUT:-170}" python3 scripts/gpu_grounding.py ${GROUNDING_ARGS:-} 2>"$OUT/grounding.err" | tee "$OUT/grounding.json"
+[ -n "${SKIP_GROUNDING:-}" ] || tail -5 "$OUT/grounding.err"
 echo "== train"
-timeout "${TRAIN_TIMEOUT:-270}" bash scripts/gpu_train.sh 2>"$OUT/train.err" | tee "$OUT/train.jsonl"
+# From the laid-out package folder: `python -` puts the working directory first on sys.path, and the
+# repository root's grit_pipeline/ lacks the mapped stages/model/manifests subpackages.
+(cd /tmp/grit-pkg && timeout "${TRAIN_TIMEOUT:-270}" bash "$REPO/scripts/gpu_train.sh") 2>"$OUT/train.err" | tee "$OUT/train.jsonl"
 tail -5 "$OUT/train.err"
