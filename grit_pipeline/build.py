@@ -6,11 +6,12 @@ What runs is in `grit_pipeline.pipeline`; where it runs is a runner (`grit_pipel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -35,6 +36,8 @@ from grit_pipeline.shards import (
     shard_name,
     write_shard,
 )
+
+LOCK_FILE = ".grit-build.lock"
 
 
 class OutputInUseError(RuntimeError):
@@ -158,7 +161,7 @@ def prepare_output(config: BuildConfig, overwrite: bool) -> None:
             raise OutputInUseError(
                 f"{out} holds a build made with a different config (fingerprint {str(previous)[:12]} vs "
                 f"{config.fingerprint()[:12]}); pass --overwrite to replace it, or choose another --out")
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+    elif out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not overwrite:
         raise OutputInUseError(f"{out} is not empty and holds no grit build; pass --overwrite or choose another --out")
     if overwrite:
         for path in ours:
@@ -171,8 +174,33 @@ def prepare_output(config: BuildConfig, overwrite: bool) -> None:
     write_json_atomic(saved, {"config": config.to_dict(), "fingerprint": config.fingerprint()})
 
 
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on OUT for the whole build, so two builds never write one folder.
+
+    flock locks die with their process, so a killed build never leaves a stale lock behind.
+    """
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise OutputInUseError(f"another grit build is writing to {out}") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def run_build(config: BuildConfig, overwrite: bool = False, stream: TextIO = sys.stderr) -> BuildResult:
     """Build (or resume) the output of `config`; returns the manifest and failures (never raises on a shard)."""
+    with output_lock(Path(config.out_dir)):
+        return _run_build(config, overwrite, stream)
+
+
+def _run_build(config: BuildConfig, overwrite: bool, stream: TextIO) -> BuildResult:
     started = time.time()
     prepare_output(config, overwrite)
     shards = discover_shards(config.inputs, config.samples_per_shard, config.images_dir)

@@ -128,3 +128,12 @@ def test_config_round_trips_and_its_fingerprint_ignores_only_where_it_runs(tmp_p
         _config(tmp_path, tmp_path / "out", key_digits=3, samples_per_shard=10_000)
     with pytest.raises(ValueError, match="grounder"):
         _config(tmp_path, tmp_path / "out", grounder="glip")
+
+
+def test_two_builds_never_write_one_folder(tmp_path: Path, captions: Path) -> None:
+    from grit_pipeline.build import output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out), pytest.raises(OutputInUseError, match="another grit build"):
+        run_build(_config(captions, out))
+    assert run_build(_config(captions, out)).ok  # the lock went with its holder
