@@ -176,15 +176,26 @@ def _trims_from_expression_end(token: Token) -> bool:
     return token.pos_ == "ADP" and not any(True for _ in token.children)
 
 
+def is_coordinated(root: Token) -> bool:
+    """True when the token has conjuncts, counting lists parsed as apposition plus coordination.
+
+    spaCy parses "a red square, a blue circle and a green star" as square -appos-> circle -conj-> star:
+    the first item has no conjunct of its own but heads a coordinated list, and must not swallow it.
+    """
+    if root.conjuncts:
+        return True
+    return any(child.dep_ == "appos" and child.conjuncts for child in root.children)
+
+
 def expression_end(chunk: Any) -> int:
     """The token end of the chunk's referring expression (GRIT.md section 3); the start stays the chunk start.
 
-    A chunk whose root has conjuncts (either side) is not expanded; otherwise the expression runs to the
+    A chunk whose root has conjuncts (either side, or heads a list: `is_coordinated`) is not expanded; otherwise the expression runs to the
     right edge of the root's subtree, with trailing cc/punct/dangling prepositions trimmed, never shorter
     than the chunk.
     """
     root = chunk.root
-    if root.conjuncts:
+    if is_coordinated(root):
         return chunk.end
     end = max(chunk.end, root.right_edge.i + 1)
     doc = chunk.doc

@@ -36,6 +36,16 @@ def test_conjuncts_are_not_expanded(extractor):
     assert _texts(caption, result) == [("bride", "bride"), ("groom", "groom"), ("the altar", "the altar")]
 
 
+def test_lists_parsed_as_apposition_are_not_swallowed_by_the_first_item(extractor):
+    caption = "a red square, a blue circle and a green star"
+    (result,) = extractor([caption])
+    assert _texts(caption, result) == [
+        ("a red square", "a red square"),
+        ("a blue circle", "a blue circle"),
+        ("a green star", "a green star"),
+    ]
+
+
 def test_only_the_end_grows_and_nests(extractor):
     caption = "A cat on a wooden table next to a lamp with a red shade."
     (result,) = extractor([caption])
