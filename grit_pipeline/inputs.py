@@ -11,6 +11,7 @@ output file, and a member name that is absolute or climbs out with `..` makes it
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import tarfile
@@ -29,6 +30,14 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _IMG2DATASET_META = frozenset(
     "key url caption status error_message width height original_width original_height exif sha256".split()
 )
+
+
+class InputKind(str, enum.Enum):
+    """The three input layouts `grit build` reads."""
+
+    IMG2DATASET = "img2dataset"
+    CAPTIONS = "captions"
+    GRIT_PARQUET = "grit-parquet"
 
 
 class InputError(ValueError):
@@ -65,7 +74,7 @@ class ShardContents:
 class InputShard:
     """A unit of input: one img2dataset tar, a range of captions.jsonl lines, or a range of parquet rows."""
 
-    kind: str  # "img2dataset" | "captions" | "grit-parquet"
+    kind: InputKind
     path: str
     name: str
     start: int = 0
@@ -75,13 +84,13 @@ class InputShard:
 
     def read(self) -> ShardContents:
         """Read every sample of the shard; read errors are collected, never raised."""
-        reader = {"img2dataset": read_img2dataset_shard, "captions": read_captions_shard,
-                  "grit-parquet": read_grit_parquet_shard}[self.kind]
+        reader = {InputKind.IMG2DATASET: read_img2dataset_shard, InputKind.CAPTIONS: read_captions_shard,
+                  InputKind.GRIT_PARQUET: read_grit_parquet_shard}[InputKind(self.kind)]
         return reader(self)
 
     def describe(self) -> dict[str, Any]:
         """The shard's source, for stats files and the manifest."""
-        return {"kind": self.kind, "path": self.path, "name": self.name, "start": self.start, "stop": self.stop,
+        return {"kind": InputKind(self.kind).value, "path": self.path, "name": self.name, "start": self.start, "stop": self.stop,
                 "images": self.images}
 
 
@@ -99,7 +108,7 @@ def discover_shards(inputs: Sequence[str], samples_per_shard: int = 10_000,
         elif path.is_dir() and (path / CAPTIONS_FILE).is_file():
             shards.extend(_captions_shards(path / CAPTIONS_FILE, samples_per_shard))
         elif path.is_dir() and _tar_files(path):
-            shards.extend(InputShard("img2dataset", str(tar), tar.name) for tar in _tar_files(path))
+            shards.extend(InputShard(InputKind.IMG2DATASET, str(tar), tar.name) for tar in _tar_files(path))
         else:
             raise InputError(
                 f"{raw}: not an img2dataset folder (NNNNN.tar files), a folder with {CAPTIONS_FILE}, "
@@ -133,7 +142,7 @@ def _captions_shards(jsonl: Path, samples_per_shard: int) -> list[InputShard]:
             if lines % samples_per_shard == 0:
                 offsets.append(position)
     return [
-        InputShard("captions", str(jsonl), f"{CAPTIONS_FILE}[{start}:{min(start + samples_per_shard, lines)}]",
+        InputShard(InputKind.CAPTIONS, str(jsonl), f"{CAPTIONS_FILE}[{start}:{min(start + samples_per_shard, lines)}]",
                    start, min(start + samples_per_shard, lines), str(jsonl.parent), offsets[number])
         for number, start in enumerate(range(0, max(lines, 1), samples_per_shard))
     ]
@@ -145,7 +154,7 @@ def _grit_parquet_shards(path: Path, samples_per_shard: int, images_dir: str | N
     rows = pq.ParquetFile(path).metadata.num_rows
     images = resolve_images_dir(path, images_dir)
     return [
-        InputShard("grit-parquet", str(path), f"{path.name}[{start}:{min(start + samples_per_shard, rows)}]",
+        InputShard(InputKind.GRIT_PARQUET, str(path), f"{path.name}[{start}:{min(start + samples_per_shard, rows)}]",
                    start, min(start + samples_per_shard, rows), str(images) if images else None)
         for start in range(0, max(rows, 1), samples_per_shard)
     ]
