@@ -68,3 +68,7 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="grit-pipeline")
 def main() -> None:
     """grit: build GRIT-style grounded image-text corpora and train Kosmos-2 on them."""
+
+
+if __name__ == "__main__":
+    main()

@@ -115,5 +115,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# Stage-config fields that only change speed or where weights are looked up, never what is written.
+_NOT_FINGERPRINTED_IN_STAGE = {"grounding": frozenset({"preprocess_threads", "local_files_only"})}
+
+
 def _strip(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if k not in _NOT_FINGERPRINTED}
+    out = {k: v for k, v in data.items() if k not in _NOT_FINGERPRINTED}
+    for stage, names in _NOT_FINGERPRINTED_IN_STAGE.items():
+        if isinstance(out.get(stage), dict):
+            out[stage] = {k: v for k, v in out[stage].items() if k not in names}
+    return out

@@ -211,9 +211,21 @@ def test_grit_parquet_rows_with_an_images_folder(tmp_path: Path, scenes) -> None
     assert _audit(tmp_path / "out").ok
 
 
-def test_a_detector_that_cannot_load_fails_the_run_not_the_samples(tmp_path: Path, inputs) -> None:
-    outcome = CliRunner().invoke(main, ["build", str(inputs[1]), "--out", str(tmp_path / "out"), "--runner", "local",
+def test_a_missing_detector_exits_2_before_anything_is_written(tmp_path: Path, inputs) -> None:
+    out = tmp_path / "out"
+    outcome = CliRunner().invoke(main, ["build", str(inputs[1]), "--out", str(out), "--runner", "local",
                                         "--detector", str(tmp_path / "no-such-detector")])
+    assert outcome.exit_code == 2
+    assert "no-such-detector" in outcome.stderr and "save_pretrained" in outcome.stderr
+    assert not out.exists()
+
+
+def test_a_detector_that_cannot_load_fails_the_run_not_the_samples(tmp_path: Path, inputs) -> None:
+    broken = tmp_path / "broken-detector"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "grounding-dino"}')  # passes the early check, no weights
+    outcome = CliRunner().invoke(main, ["build", str(inputs[1]), "--out", str(tmp_path / "out"), "--runner", "local",
+                                        "--detector", str(broken)])
     assert outcome.exit_code == 1
     manifest = load_manifest(tmp_path / "out")
     assert manifest["totals"]["shards_failed"] == 1 and manifest["totals"]["input_samples"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -46,6 +47,7 @@ def build(inputs: tuple[str, ...], out_dir: str, grounder: str, detector: str | 
                              spacy_model=spacy_model, mode=mode, samples_per_shard=samples_per_shard,
                              batch_size=batch_size, grounder_workers=grounder_workers,
                              gpus_per_grounder=gpus_per_grounder, progress_interval=progress_interval)
+        _require_detector(config)
         result = run_build(config, overwrite=overwrite)
     except (OutputInUseError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -54,6 +56,19 @@ def build(inputs: tuple[str, ...], out_dir: str, grounder: str, detector: str | 
         click.echo(f"grit build: {len(result.manifest['failed_shards'])} shard(s) failed; rerun to retry them",
                    err=True)
         sys.exit(1)
+
+
+def _require_detector(config: Any) -> None:
+    """Exit 2 before anything is written when GroundingDINO is needed but its checkpoint cannot be found."""
+    if config.grounder != "grounding-dino" or all(str(p).endswith(".parquet") for p in config.inputs):
+        return  # GRIT-20M parquet rows carry their boxes: the detector is never loaded for them
+    from grit_pipeline.stages.groundingdino import DetectorUnavailableError, ensure_detector_available
+
+    try:
+        ensure_detector_available(config.grounding)
+    except DetectorUnavailableError as exc:
+        click.echo(f"grit build: {exc}\n(inputs that already carry boxes can use --grounder annotations)", err=True)
+        sys.exit(2)
 
 
 def make_config(inputs: tuple[str, ...], out_dir: str, *, grounder: str, detector: str | None,
