@@ -182,3 +182,90 @@ def test_overlong_single_chunk_is_truncated_and_counted():
     plan = plan_prompts([" ".join(f"w{i}" for i in range(50))], _word_tokenize, SPECIAL, 16)
     assert plan.truncated_phrases == 1
     assert len(plan.passes[0].input_ids) == 16
+
+
+# --- the vectorised path (torch) equals the reference logic above ------------------------------------------
+
+
+def _random_passes(rng: np.random.Generator, passes: int, queries: int, tokens: int):
+    """Random text passes, quantised probabilities (many ties) and boxes with out-of-range and broken ones."""
+    from grit_pipeline.stages.grounding import TextPass
+
+    text_passes = []
+    for row in range(passes):
+        text_pass, position = TextPass([101]), 1
+        for phrase in range(int(rng.integers(1, 6))):
+            length = int(rng.integers(0 if phrase == 2 else 1, 4))  # sometimes a phrase without tokens
+            text_pass.phrase_tokens.append(list(range(position, position + length)))
+            text_pass.phrase_ids.append(10 * row + phrase)
+            position += length + 1
+        text_pass.input_ids = [101] + [7] * (position - 1) + [102]
+        text_passes.append(text_pass)
+    probs = np.round(rng.random((passes, queries, tokens)) * 20) / 20  # steps of 0.05: ties everywhere
+    centres = rng.random((passes, queries, 2)) * 1.2 - 0.1
+    sizes = rng.random((passes, queries, 2)) * 0.5
+    corners = np.concatenate((centres - sizes / 2, centres + sizes / 2), axis=-1).astype(np.float32)
+    corners[:, ::7, 2] = corners[:, ::7, 0]  # no width
+    corners[:, 3::11, 1] = np.nan
+    corners = np.round(corners * 8) / 8  # identical boxes: IoU ties
+    return text_passes, probs.astype(np.float32), corners.astype(np.float32)
+
+
+def _reference_result(text_passes, probs, corners, targets, num_phrases, box_filter):
+    candidates = []
+    for row, text_pass in enumerate(text_passes):
+        candidates += assign_boxes(probs[row, :, : len(text_pass.input_ids)], corners[row], text_pass.phrase_tokens,
+                                   text_pass.phrase_ids, min_score=box_filter.box_threshold)
+    return result_from_candidates(candidates, targets, num_phrases, box_filter, Counter())
+
+
+@pytest.mark.parametrize("nms_iou", [None, 0.3, 0.6])
+@pytest.mark.parametrize("threshold", [0.0, 0.65])
+def test_vectorised_selection_equals_the_reference(nms_iou, threshold):
+    import torch
+
+    from grit_pipeline.stages.grounding import result_from_selected, select_boxes, token_phrase_columns
+
+    rng = np.random.default_rng(int(threshold * 100) + int((nms_iou or 0) * 10))
+    box_filter = BoxFilter(box_threshold=threshold, nms_iou=nms_iou)
+    for _ in range(4):
+        text_passes, probs, corners = _random_passes(rng, passes=5, queries=60, tokens=24)
+        # request 0 has passes 0-2 (merged before NMS), requests 1 and 2 one pass each
+        owners = [0, 0, 0, 1, 2]
+        columns = token_phrase_columns(text_passes, probs.shape[-1])
+        selected = select_boxes(torch.from_numpy(probs), torch.from_numpy(corners), columns, box_filter,
+                                nms_rows=[owner != 0 for owner in owners])
+        for request in range(3):
+            rows = [r for r, owner in enumerate(owners) if owner == request]
+            ids = sorted({i for r in rows for i in text_passes[r].phrase_ids})
+            targets = [[] for _ in range(max(ids) + 1)]
+            for position, phrase in enumerate(ids):
+                targets[phrase] = [position]
+            expected = _reference_result([text_passes[r] for r in rows], probs[rows], corners[rows], targets,
+                                         len(ids), box_filter)
+            got = result_from_selected([(selected[r], text_passes[r].phrase_ids) for r in rows], targets,
+                                       len(ids), box_filter)
+            assert got.boxes == expected.boxes
+            assert got.dropped == expected.dropped and got.drop_reason == expected.drop_reason
+            assert sum(len(b) for b in expected.boxes) > 0 or threshold > 0
+
+
+@pytest.mark.parametrize("iou", [0.3, 0.6, 0.9])
+def test_greedy_nms_keep_equals_the_reference_nms_by_scan_and_by_rounds(iou):
+    import torch
+
+    from grit_pipeline.stages import grounding
+
+    rng = np.random.default_rng(3)
+    centres = rng.random((3, 200, 2))
+    sizes = rng.random((3, 200, 2)) * 0.4 + 0.02
+    boxes = np.round(np.concatenate((centres - sizes / 2, centres + sizes / 2), axis=-1).clip(0, 1) * 16) / 16
+    usable = rng.random((3, 200)) > 0.2
+    expected = []
+    for row in range(3):
+        candidates = [PhraseBox(i, Box(*boxes[row, i]), 1.0 - i / 1000) for i in range(200) if usable[row, i]]
+        kept = {c.phrase for c in nms(candidates, iou)}
+        expected.append([i in kept for i in range(200)])
+    for by_rounds in (False, True):  # False: the CPU's row scan; True: the accelerator's fixed-point rounds
+        got = grounding.greedy_nms_keep(torch.from_numpy(boxes), torch.from_numpy(usable), iou, by_rounds=by_rounds)
+        assert got.tolist() == expected
