@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,12 +23,14 @@ from grit_pipeline.stages.grounding import (
     BoxFilter,
     GroundingRequest,
     GroundingResult,
-    PhraseBox,
     PromptPlan,
+    SelectedBoxes,
     TextPass,
-    assign_boxes,
     plan_prompts,
-    result_from_candidates,
+    prompt_text,
+    result_from_selected,
+    select_boxes,
+    token_phrase_columns,
     ungroundable_result,
 )
 
@@ -200,18 +201,20 @@ class GroundingDinoGrounder:
         self._weights_digest: str | None = None
         self.preprocess_threads = self.config.preprocess_threads or _default_preprocess_threads(self.device)
         self.fast_preprocessing = self.config.fast_preprocessing and is_standard_processor(self.image_processor)
+        self._collect_stream: Any = None  # CUDA only: post-processing runs beside the next forward
 
     def ground(self, batch: Sequence[GroundingRequest]) -> list[GroundingResult]:
         """Ground every request; requests without image or phrases come back dropped with the reason."""
         results: list[GroundingResult | None] = [None] * len(batch)
-        plans: dict[int, PromptPlan] = {}
+        groundable: list[int] = []
         for index, request in enumerate(batch):
             if not request.phrases:
                 results[index] = ungroundable_result(0, DropReason.NO_NOUN_CHUNKS)
             elif request.image is None:
                 results[index] = ungroundable_result(len(request.phrases), DropReason.IMAGE_MISSING)
             else:
-                plans[index] = self.plan(request)
+                groundable.append(index)
+        plans = dict(zip(groundable, self._plan_all([batch[i] for i in groundable]), strict=True))
         for index, result in self._run_passes(batch, plans).items():
             results[index] = result
         return [r for r in results if r is not None]
@@ -221,13 +224,23 @@ class GroundingDinoGrounder:
         texts = [request.caption[p.chunk.start : p.chunk.end] for p in request.phrases]
         return plan_prompts(texts, self._tokenize, self._special_ids, self.max_text_tokens)
 
+    def _plan_all(self, requests: Sequence[GroundingRequest]) -> list[PromptPlan]:
+        """`plan` for many requests, with one tokenizer call for all their distinct chunk texts."""
+        texts = [[request.caption[p.chunk.start : p.chunk.end] for p in request.phrases] for request in requests]
+        distinct = [t for t in dict.fromkeys(prompt_text(t) for chunk_texts in texts for t in chunk_texts) if t]
+        token_ids = dict(zip(distinct, self._tokenize(distinct) if distinct else [], strict=True))
+
+        def lookup(prompt_texts: list[str]) -> list[list[int]]:
+            return [token_ids[t] for t in prompt_texts]
+
+        return [plan_prompts(chunk_texts, lookup, self._special_ids, self.max_text_tokens) for chunk_texts in texts]
+
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _finish(self, request: GroundingRequest, plan: PromptPlan, candidates: list[PhraseBox]) -> GroundingResult:
-        result = result_from_candidates(
-            candidates, plan.phrase_targets, len(request.phrases), self._box_filter, Counter()
-        )
+    def _finish(self, request: GroundingRequest, plan: PromptPlan,
+                selections: list[tuple[SelectedBoxes, list[int]]]) -> GroundingResult:
+        result = result_from_selected(selections, plan.phrase_targets, len(request.phrases), self._box_filter)
         result.info.update(
             {"text_passes": len(plan.passes), "repeated_phrases": sum(len(t) - 1 for t in plan.phrase_targets)}
         )
@@ -238,38 +251,47 @@ class GroundingDinoGrounder:
     def _run_passes(self, batch: Sequence[GroundingRequest], plans: dict[int, PromptPlan]) -> dict[int, GroundingResult]:
         """Run every text pass, several per forward, and filter each request's boxes once all its passes ran.
 
-        The calling thread only runs forwards. One helper thread, in order, prepares the next forward's
-        inputs (image resizing, padding, host-to-device copy), turns the previous forward's outputs into
-        candidates and filters finished requests, so that work overlaps the model instead of adding to it.
-        A forward that fails is retried pass by pass; a request whose own pass fails is dropped with
-        STAGE_ERROR, and when every pass of the failed forward fails alone the error is raised (it is
-        not the data's fault).
+        The calling thread only runs forwards. While forward i runs, one helper thread prepares forward
+        i+1's inputs (image resizing over `preprocess_threads` threads, padding into pinned memory, the
+        copy to the device) and another turns forward i-1's outputs into boxes (assignment, threshold and
+        NMS on the device, one transfer back, then the results), so that work overlaps the model instead
+        of adding to it. A forward that fails is retried pass by pass; a request whose own pass fails is
+        dropped with STAGE_ERROR, and when every pass of the failed forward fails alone the error is
+        raised (it is not the data's fault).
         """
         from concurrent.futures import ThreadPoolExecutor
 
         state = _PassState(plans)
         chunks = list(_chunks([(i, p) for i, plan in plans.items() for p in plan.passes], self.config.batch_size))
+        with contextlib.ExitStack() as stack:
+            resize_pool = None
+            if self.fast_preprocessing and self.preprocess_threads > 1:
+                resize_pool = stack.enter_context(
+                    ThreadPoolExecutor(self.preprocess_threads, thread_name_prefix="grit-resize")
+                )
+            preparer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="grit-prepare"))
+            collector = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="grit-collect"))
 
-        def prepare(chunk: list[tuple[int, TextPass]]) -> dict[str, Any]:
-            return self.prepare_inputs([batch[i].image for i, _ in chunk], [p.input_ids for _, p in chunk])
+            def prepare(chunk: list[tuple[int, TextPass]]) -> dict[str, Any]:
+                return self.prepare_inputs([batch[i].image for i, _ in chunk], [p.input_ids for _, p in chunk],
+                                           resize_pool=resize_pool)
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grit-ground") as helper:
-            upcoming = helper.submit(prepare, chunks[0]) if chunks else None
+            upcoming = preparer.submit(prepare, chunks[0]) if chunks else None
             collected = []
             for number, chunk in enumerate(chunks):
                 current = upcoming
                 if number + 1 < len(chunks):
-                    upcoming = helper.submit(prepare, chunks[number + 1])
+                    upcoming = preparer.submit(prepare, chunks[number + 1])
                 try:
-                    outputs = self._forward_on_device(current.result())
+                    raw = self._forward_raw(current.result())
                 except Exception as exc:  # noqa: BLE001 - isolate the failing pass below
-                    collected.extend(self._retry_alone(chunk, prepare, helper, state, batch, exc))
+                    collected.extend(self._retry_alone(chunk, prepare, collector, state, batch, exc))
                     continue
-                collected.append(helper.submit(self._collect, chunk, outputs, state, batch))
+                collected.append(collector.submit(self._collect, chunk, raw, state, batch))
             for done in collected:
                 done.result()  # re-raises a helper failure here
-        for index in list(state.candidates):  # a plan with no pass: every chunk was empty after cleaning
-            state.results[index] = self._finish(batch[index], plans[index], state.candidates.pop(index))
+        for index in list(state.selections):  # a plan with no pass: every chunk was empty after cleaning
+            state.results[index] = self._finish(batch[index], plans[index], state.selections.pop(index))
         return state.results
 
     def _retry_alone(self, chunk: list[tuple[int, TextPass]], prepare: Any, helper: Any, state: _PassState,
@@ -278,100 +300,130 @@ class GroundingDinoGrounder:
         futures, failures = [], 0
         for item in chunk:
             try:
-                outputs = self._forward_on_device(prepare([item]))
+                raw = self._forward_raw(prepare([item]))
             except Exception as exc:  # noqa: BLE001 - counted as STAGE_ERROR for this request only
                 failures += 1
                 futures.append(helper.submit(state.fail, item[0], batch[item[0]], exc))
                 continue
-            futures.append(helper.submit(self._collect, [item], outputs, state, batch))
+            futures.append(helper.submit(self._collect, [item], raw, state, batch))
         if len(chunk) > 1 and failures == len(chunk):
             raise error
         return futures
 
-    def _collect(self, chunk: list[tuple[int, TextPass]], outputs: tuple[Any, Any], state: _PassState,
+    def _collect(self, chunk: list[tuple[int, TextPass]], raw: _RawOutputs, state: _PassState,
                  batch: Sequence[GroundingRequest]) -> None:
-        """Candidates from one forward's outputs; requests whose last pass this was are filtered."""
-        probs, boxes = (tensor.cpu().numpy() for tensor in outputs)
-        for row, (index, text_pass) in enumerate(chunk):
+        """Boxes from one forward's outputs (selected on the device, one transfer); finished requests get results."""
+        import torch
+
+        passes = [text_pass for _, text_pass in chunk]
+        nms_rows = [len(state.plans[index].passes) == 1 for index, _ in chunk]  # else NMS once merged
+        with torch.inference_mode(), self._beside_the_forward(raw):
+            probs, corners = _probabilities_and_corners(raw.logits, raw.pred_boxes)
+            columns = token_phrase_columns(passes, probs.shape[-1])
+            selected = select_boxes(probs, corners, columns, self._box_filter, nms_rows)
+        for (index, text_pass), selection in zip(chunk, selected, strict=True):
             if index in state.failed:
                 continue
-            state.candidates[index].extend(
-                assign_boxes(
-                    probs[row, :, : len(text_pass.input_ids)],
-                    boxes[row],
-                    text_pass.phrase_tokens,
-                    text_pass.phrase_ids,
-                    min_score=self._box_filter.box_threshold,
-                )
-            )
+            state.selections[index].append((selection, text_pass.phrase_ids))
             state.passes_left[index] -= 1
             if state.passes_left[index] == 0:
-                state.results[index] = self._finish(batch[index], state.plans[index], state.candidates.pop(index))
+                state.results[index] = self._finish(batch[index], state.plans[index], state.selections.pop(index))
 
-    def prepare_inputs(self, images: Sequence[Any], token_ids: Sequence[list[int]]) -> dict[str, Any]:
-        """Model inputs for one forward, on the device: pixels with pixel masks, text with attention masks."""
+    def _beside_the_forward(self, raw: _RawOutputs) -> contextlib.AbstractContextManager:
+        """On CUDA, a stream of its own that starts once the outputs are ready, so its waits skip later forwards."""
+        if raw.ready is None:
+            return contextlib.nullcontext()
+        import torch
+
+        if self._collect_stream is None:
+            self._collect_stream = torch.cuda.Stream(device=self.device)
+        self._collect_stream.wait_event(raw.ready)
+        for tensor in (raw.logits, raw.pred_boxes):
+            tensor.record_stream(self._collect_stream)  # not reused by the next forward while read here
+        return torch.cuda.stream(self._collect_stream)
+
+    def prepare_inputs(self, images: Sequence[Any], token_ids: Sequence[list[int]],
+                       resize_pool: Any = None) -> dict[str, Any]:
+        """Model inputs for one forward, on the device: pixels with pixel masks, text with attention masks.
+
+        On CUDA every host tensor is pinned and copied without blocking, so the calling thread never waits
+        for the forward that is running.
+        """
+        import numpy as np
         import torch
 
         longest = max(len(ids) for ids in token_ids)
-        input_ids = torch.zeros((len(token_ids), longest), dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
+        text = np.zeros((2, len(token_ids), longest), dtype=np.int64)  # input ids, attention mask
         for row, ids in enumerate(token_ids):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-        text = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+            text[0, row, : len(ids)] = ids
+            text[1, row, : len(ids)] = 1
+        input_ids, attention_mask = self._to_device(torch.from_numpy(text)).unbind(0)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "token_type_ids": torch.zeros_like(input_ids)}
         if not self.fast_preprocessing:
-            return self._to_device({**text, **self.image_processor(images=list(images), return_tensors="pt")})
-        # 8-bit pixels travel to the device (a quarter of the bytes) and are normalised there
-        pixels_uint8, pixel_mask = self._resize_and_pad(images)
-        inputs = self._to_device({**text, "pixel_values": pixels_uint8, "pixel_mask": pixel_mask})
-        inputs["pixel_values"] = self._normalise(inputs["pixel_values"], inputs["pixel_mask"])
-        return inputs
+            processed = self.image_processor(images=list(images), return_tensors="pt")
+            return {**inputs, **{name: self._to_device(tensor) for name, tensor in processed.items()}}
+        # 8-bit pixels travel to the device (a quarter of the bytes) and are normalised there; so is the mask
+        pixels, sizes = self._resize_into_buffer(images, resize_pool)
+        pixel_values, pixel_mask = self._pixels_on_device(self._to_device(pixels), self._to_device(sizes))
+        return {**inputs, "pixel_values": pixel_values, "pixel_mask": pixel_mask}
 
-    def _to_device(self, tensors: dict[str, Any]) -> dict[str, Any]:
-        on_cuda = self.device.startswith("cuda")
-        return {
-            name: (tensor.pin_memory() if on_cuda else tensor).to(self.device, non_blocking=True)
-            for name, tensor in tensors.items()
-        }
+    def _to_device(self, tensor: Any) -> Any:
+        if self.device.startswith("cuda"):
+            return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(self.device, non_blocking=True)
+        return tensor.to(self.device)
 
     def preprocess_images(self, images: Sequence[Any]) -> dict[str, Any]:
         """pixel_values and pixel_mask on the CPU, as the checkpoint's image processor makes them for one batch."""
         if not self.fast_preprocessing:
             return self.image_processor(images=list(images), return_tensors="pt")
-        pixels_uint8, pixel_mask = self._resize_and_pad(images)
-        return {"pixel_values": self._normalise(pixels_uint8, pixel_mask), "pixel_mask": pixel_mask}
+        pixels, sizes = self._resize_into_buffer(images, None, pinned=False)
+        pixel_values, pixel_mask = self._pixels_on_device(pixels, sizes)
+        return {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
 
-    def _resize_and_pad(self, images: Sequence[Any]) -> tuple[Any, Any]:
-        """8-bit (batch, 3, H, W) pixels resized exactly as the processor does, zero-padded bottom-right, and the mask.
+    def _resize_into_buffer(self, images: Sequence[Any], pool: Any, pinned: bool | None = None) -> tuple[Any, Any]:
+        """(batch, H, W, 3) 8-bit pixels resized exactly as the processor does, zero-padded bottom-right, and the sizes.
 
-        Resizing uses the processor's own size rule and PIL filter; on an accelerator it is spread over
-        `preprocess_threads` threads (PIL releases the GIL while resizing).
+        Resizing uses the processor's own size rule and PIL filter, and each image is written straight into
+        one (pinned, on CUDA) buffer, in `pool`'s threads when given (PIL and numpy release the GIL there).
+        The sizes are a (batch, 2) int64 tensor of (height, width).
         """
         import numpy as np
         import torch
         from transformers.image_transforms import get_size_with_aspect_ratio
 
         size, resample = self.image_processor.size, self.image_processor.resample
+        targets = [get_size_with_aspect_ratio((im.height, im.width), size.shortest_edge, size.longest_edge)
+                   for im in images]
+        height, width = max(h for h, _ in targets), max(w for _, w in targets)
+        pin = self.device.startswith("cuda") if pinned is None else pinned
+        buffer = torch.empty((len(images), height, width, 3), dtype=torch.uint8, pin_memory=pin)
+        array = buffer.numpy()
 
-        def resize(image: Any) -> Any:
-            height, width = get_size_with_aspect_ratio((image.height, image.width), size.shortest_edge, size.longest_edge)
+        def resize_into(row: int) -> None:
+            image, (h, w) = images[row], targets[row]
             rgb = image if image.mode == "RGB" else image.convert("RGB")
-            return torch.from_numpy(np.array(rgb.resize((width, height), resample=resample))).permute(2, 0, 1)
+            array[row, :h, :w] = np.asarray(rgb.resize((w, h), resample=resample))
+            array[row, h:] = 0
+            array[row, :h, w:] = 0
 
-        if self.preprocess_threads > 1 and len(images) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(self.preprocess_threads, thread_name_prefix="grit-resize") as pool:
-                resized = list(pool.map(resize, images))
+        if pool is not None and len(images) > 1:
+            list(pool.map(resize_into, range(len(images))))
         else:
-            resized = [resize(image) for image in images]
-        height, width = max(r.shape[1] for r in resized), max(r.shape[2] for r in resized)
-        pixels = torch.zeros((len(resized), 3, height, width), dtype=torch.uint8)
-        mask = torch.zeros((len(resized), height, width), dtype=torch.long)
-        for row, image in enumerate(resized):
-            pixels[row, :, : image.shape[1], : image.shape[2]] = image
-            mask[row, : image.shape[1], : image.shape[2]] = 1
-        return pixels, mask
+            for row in range(len(images)):
+                resize_into(row)
+        sizes = torch.tensor(targets, dtype=torch.int64)
+        return buffer, (sizes.pin_memory() if pin else sizes)
+
+    def _pixels_on_device(self, pixels_hwc: Any, sizes: Any) -> tuple[Any, Any]:
+        """Normalised (batch, 3, H, W) pixel values and the (batch, H, W) pixel mask, on the pixels' device."""
+        import torch
+
+        _, height, width, _ = pixels_hwc.shape
+        rows = torch.arange(height, device=pixels_hwc.device)[None, :, None] < sizes[:, 0, None, None]
+        columns = torch.arange(width, device=pixels_hwc.device)[None, None, :] < sizes[:, 1, None, None]
+        pixel_mask = (rows & columns).long()
+        return self._normalise(pixels_hwc.permute(0, 3, 1, 2).contiguous(), pixel_mask), pixel_mask
 
     def _normalise(self, pixels_uint8: Any, pixel_mask: Any) -> Any:
         """Rescale and normalise like the processor; padding stays 0 (the processor pads after normalising)."""
@@ -396,12 +448,21 @@ class GroundingDinoGrounder:
         """Token probabilities (batch, queries, tokens) and corner boxes (batch, queries, 4), still on device."""
         import torch
 
+        raw = self._forward_raw(inputs)
+        with torch.inference_mode():
+            return _probabilities_and_corners(raw.logits, raw.pred_boxes)
+
+    def _forward_raw(self, inputs: dict[str, Any]) -> _RawOutputs:
+        """The model's logits and boxes, and on CUDA an event marking when they are ready (nothing waits here)."""
+        import torch
+
         with torch.inference_mode(), self._autocast():
             outputs = self.model(**inputs)
-            probs = outputs.logits.float().sigmoid()
-            cx, cy, w, h = outputs.pred_boxes.float().unbind(-1)
-            corners = torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
-        return probs, corners
+        ready = None
+        if self.device.startswith("cuda"):
+            ready = torch.cuda.Event()
+            ready.record()
+        return _RawOutputs(outputs.logits, outputs.pred_boxes, ready)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         import torch
@@ -434,12 +495,30 @@ class GroundingDinoGrounder:
         return self._weights_digest
 
 
+@dataclass(frozen=True, slots=True)
+class _RawOutputs:
+    """One forward's logits (passes, queries, tokens) and boxes (passes, queries, 4), still on the device."""
+
+    logits: Any
+    pred_boxes: Any
+    ready: Any = None  # a CUDA event recorded after the forward; None elsewhere
+
+
+def _probabilities_and_corners(logits: Any, pred_boxes: Any) -> tuple[Any, Any]:
+    """Sigmoid token probabilities and (x1, y1, x2, y2) corners from the model's (cx, cy, w, h), in float32."""
+    import torch
+
+    probs = logits.float().sigmoid()
+    cx, cy, w, h = pred_boxes.float().unbind(-1)
+    return probs, torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+
+
 class _PassState:
-    """Book-keeping of one `ground` call across forwards: candidates, passes still to run, results."""
+    """Book-keeping of one `ground` call across forwards: selected boxes, passes still to run, results."""
 
     def __init__(self, plans: dict[int, PromptPlan]):
         self.plans = plans
-        self.candidates: dict[int, list[PhraseBox]] = {index: [] for index in plans}
+        self.selections: dict[int, list[tuple[SelectedBoxes, list[int]]]] = {index: [] for index in plans}
         self.passes_left = {index: len(plan.passes) for index, plan in plans.items()}
         self.results: dict[int, GroundingResult] = {}
         self.failed: set[int] = set()
@@ -449,7 +528,7 @@ class _PassState:
         if index in self.failed:
             return
         self.failed.add(index)
-        self.candidates.pop(index, None)
+        self.selections.pop(index, None)
         result = ungroundable_result(len(request.phrases), DropReason.STAGE_ERROR)
         result.info["error"] = f"{type(error).__name__}: {error}"
         self.results[index] = result
