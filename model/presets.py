@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from grit_pipeline.model.tokenizer import NUM_IMAGE_TOKENS
 
 if TYPE_CHECKING:
+    import torch
     from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration
 
 
@@ -30,6 +31,11 @@ class ModelPreset:
     dropout: float
     # Kosmos2Processor always writes 64 placeholders, so the resampler must emit exactly 64 embeddings.
     latent_query_num: int = NUM_IMAGE_TOKENS
+    # Initialisation for training from scratch (the architecture is unchanged). "structured": 2-D sin-cos
+    # for the 1,024 location-token embeddings (tied to the LM head, so neighbouring cells score alike) and
+    # the vision position embeddings, and a resampler whose image keys/values are not drowned by its
+    # std-1 latent queries. "transformers": Kosmos2's own _init_weights, as the released model was trained.
+    init: str = "transformers"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -38,6 +44,8 @@ class ModelPreset:
             raise ValueError(f"{self.name}: hidden sizes must divide by the head counts")
         if self.latent_query_num != NUM_IMAGE_TOKENS:
             raise ValueError("latent_query_num must be 64 to match Kosmos2Processor's image placeholders")
+        if self.init not in ("transformers", "structured"):
+            raise ValueError(f"{self.name}: init is 'transformers' or 'structured', not {self.init!r}")
 
     def to_config(self, vocab_size: int, pad_token_id: int = 1, bos_token_id: int = 0, eos_token_id: int = 2) -> Kosmos2Config:
         """The transformers Kosmos2Config of this preset for a tokenizer of `vocab_size` tokens."""
@@ -87,6 +95,7 @@ PRESETS: dict[str, ModelPreset] = {
         text_ffn=512,
         max_positions=256,
         dropout=0.0,
+        init="structured",
     ),
     # microsoft/kosmos-2-patch14-224 (GRIT.md section 6): CLIP ViT-L/14 at 224, 24-layer 2048-wide decoder.
     "kosmos-2": ModelPreset(
@@ -116,11 +125,49 @@ def get_preset(name: str) -> ModelPreset:
     return PRESETS[name]
 
 
-def build_model(preset: ModelPreset, vocab_size: int, pad_token_id: int = 1, bos_token_id: int = 0, eos_token_id: int = 2) -> Kosmos2ForConditionalGeneration:
-    """A randomly initialised Kosmos-2 of this preset."""
+def build_model(preset: ModelPreset, vocab_size: int, pad_token_id: int = 1, bos_token_id: int = 0,
+                eos_token_id: int = 2, first_location_id: int | None = None) -> Kosmos2ForConditionalGeneration:
+    """A randomly initialised Kosmos-2 of this preset (structured init needs the id of <patch_index_0000>)."""
     from transformers import Kosmos2ForConditionalGeneration
 
-    return Kosmos2ForConditionalGeneration(preset.to_config(vocab_size, pad_token_id, bos_token_id, eos_token_id))
+    model = Kosmos2ForConditionalGeneration(preset.to_config(vocab_size, pad_token_id, bos_token_id, eos_token_id))
+    if preset.init == "structured" and first_location_id is not None:
+        structured_init(model, first_location_id)
+    return model
+
+
+def sincos_grid(side: int, dim: int) -> torch.Tensor:
+    """(side*side, dim) 2-D sin-cos features of grid cells in row-major order: half for the row, half the column."""
+    import torch
+
+    quarter = dim // 4
+    frequencies = 1.0 / (64.0 ** (torch.arange(quarter) / quarter))  # wavelengths from 2*pi to 128*pi cells
+    steps = torch.arange(side).float()[:, None] * frequencies
+    axis = torch.cat([torch.sin(steps), torch.cos(steps)], dim=1)  # (side, dim/2)
+    rows = axis[:, None, :].expand(side, side, dim // 2)
+    cols = axis[None, :, :].expand(side, side, dim // 2)
+    return torch.cat([rows, cols], dim=2).reshape(side * side, dim)
+
+
+def structured_init(model: Kosmos2ForConditionalGeneration, first_location_id: int, grid: int = 32) -> None:
+    """Location embeddings and vision positions as 2-D sin-cos; resampler scaled so the image gets through."""
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        dim = embeddings.shape[1]
+        std = model.config.text_config.init_std
+        # same norm as a random N(0, std) row: each sin/cos pair has norm 1, dim/2 pairs
+        embeddings[first_location_id : first_location_id + grid * grid] = sincos_grid(grid, dim) * std * math.sqrt(2)
+        positions = model.vision_model.model.embeddings.position_embedding.weight  # (1 + n*n, hidden)
+        side = math.isqrt(positions.shape[0] - 1)
+        if side * side == positions.shape[0] - 1 and positions.shape[1] % 4 == 0:
+            positions[1:] = sincos_grid(side, positions.shape[1]) * 0.3
+        projection = model.image_to_text_projection
+        projection.latent_query.normal_(0.0, std)
+        projection.dense.weight.normal_(0.0, 1.0 / math.sqrt(projection.dense.weight.shape[1]))
 
 
 def count_parameters(preset: ModelPreset, vocab_size: int) -> int:

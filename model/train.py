@@ -174,8 +174,8 @@ def prepare_model(config: TrainConfig, processor: Any) -> torch.nn.Module:
         return Kosmos2ForConditionalGeneration.from_pretrained(config.init)
     tokenizer = processor.tokenizer
     torch.manual_seed(config.seed)
-    return build_model(get_preset(config.preset), len(tokenizer), tokenizer.pad_token_id,
-                       tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return build_model(get_preset(config.preset), len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+                       tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<patch_index_0000>"))
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

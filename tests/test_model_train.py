@@ -154,3 +154,17 @@ def test_preset_validation():
         get_preset("huge")
     with pytest.raises(ValueError, match="latent_query_num"):
         PRESETS["tiny"].__class__(**{**PRESETS["tiny"].as_dict(), "latent_query_num": 32})
+
+
+def test_structured_init_makes_neighbouring_cells_alike():
+    from grit_pipeline.model.presets import build_model
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny"), 1200, first_location_id=100)
+    cells = torch.nn.functional.normalize(model.get_input_embeddings().weight[100:1124], dim=1)
+    similarity = cells @ cells.T
+    near = similarity[33, 34]  # (1, 1) vs (1, 2)
+    far = similarity[33, 33 + 20 * 32 + 20]  # (1, 1) vs (21, 21)
+    assert near > 0.9 and far < near - 0.3
+    assert model.image_to_text_projection.latent_query.std() < 0.05
+    assert torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight)  # tied
