@@ -456,8 +456,9 @@ def greedy_nms_keep(boxes: Any, usable: Any, iou_threshold: float, by_rounds: bo
     it from "keep everything" (box i is settled once the boxes before it are, usually in a few rounds).
     On the CPU (`by_rounds` None or False), a loop over the suppression matrix's rows is cheaper than
     repeated matrix passes; on an accelerator the rounds avoid a per-box loop and a per-box transfer.
-    Rows are processed in groups that bound the (n x n) temporaries to about 64 MB.
+    Rows are processed in groups that bound the (n x n) temporaries to about 32 MB each.
     """
+    import numpy as np
     import torch
 
     count = boxes.shape[1]
@@ -467,15 +468,19 @@ def greedy_nms_keep(boxes: Any, usable: Any, iou_threshold: float, by_rounds: bo
     later = torch.ones((count, count), dtype=torch.bool, device=boxes.device).triu_(1)
     if by_rounds is None:
         by_rounds = boxes.device.type != "cpu"
-    group = max(1, (8 << 20) // (count * count))
+    group = max(1, (4 << 20) // (count * count))
     for start in range(0, boxes.shape[0], group):
         part = slice(start, start + group)
         candidates = usable[part]
+        if not by_rounds:  # numpy's broadcasting is cheaper than torch's on the CPU; same formula, same IoUs
+            corners = boxes[part].cpu().numpy()
+            overlaps = torch.from_numpy(np.stack([_pairwise_iou(c, c) for c in corners]))
+            suppresses = (overlaps > iou_threshold) & later.cpu()
+            suppresses &= candidates[:, :, None].cpu() & candidates[:, None, :].cpu()
+            keep[part] = torch.from_numpy(_greedy_scan(suppresses.numpy(), candidates.cpu().numpy())).to(keep.device)
+            continue
         suppresses = (pairwise_iou(boxes[part]) > iou_threshold) & later
         suppresses &= candidates[:, :, None] & candidates[:, None, :]
-        if not by_rounds:
-            keep[part] = torch.from_numpy(_greedy_scan(suppresses.cpu().numpy(), candidates.cpu().numpy()))
-            continue
         current = candidates
         for _ in range(count + 1):  # converges long before: the number of rounds is bounded by n
             following = candidates & ~(suppresses & current[:, :, None]).any(1)

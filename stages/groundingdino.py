@@ -423,17 +423,21 @@ class GroundingDinoGrounder:
         rows = torch.arange(height, device=pixels_hwc.device)[None, :, None] < sizes[:, 0, None, None]
         columns = torch.arange(width, device=pixels_hwc.device)[None, None, :] < sizes[:, 1, None, None]
         pixel_mask = (rows & columns).long()
-        return self._normalise(pixels_hwc.permute(0, 3, 1, 2).contiguous(), pixel_mask), pixel_mask
+        return self._normalise(pixels_hwc.permute(0, 3, 1, 2), pixel_mask), pixel_mask
 
     def _normalise(self, pixels_uint8: Any, pixel_mask: Any) -> Any:
-        """Rescale and normalise like the processor; padding stays 0 (the processor pads after normalising)."""
+        """Rescale and normalise like the processor; padding stays 0 (the processor pads after normalising).
+
+        One strided pass makes contiguous float32 (batch, 3, H, W) values; the rest is in place.
+        """
         import torch
 
         processor = self.image_processor
         mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=pixels_uint8.device).view(1, -1, 1, 1)
         std = torch.tensor(processor.image_std, dtype=torch.float32, device=pixels_uint8.device).view(1, -1, 1, 1)
-        values = (pixels_uint8.float() * processor.rescale_factor - mean) / std
-        return values * pixel_mask[:, None].to(values.dtype)
+        values = pixels_uint8.to(torch.float32, memory_format=torch.contiguous_format)
+        values.mul_(processor.rescale_factor).sub_(mean).div_(std)
+        return values.mul_(pixel_mask[:, None])
 
     def forward(self, images: Sequence[Any], token_ids: Sequence[list[int]]) -> tuple[Any, Any]:
         """Token probabilities (batch, queries, tokens) and corner boxes (batch, queries, 4) as numpy."""
