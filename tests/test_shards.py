@@ -11,6 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from grit_pipeline.records import DropReason
 from grit_pipeline.shards import (
@@ -21,7 +23,10 @@ from grit_pipeline.shards import (
     read_stats,
     remove_stale_temporaries,
     sample_key,
+    tar_header,
+    tar_member,
     write_shard,
+    write_tar,
 )
 
 
@@ -106,3 +111,39 @@ def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
 
 def test_canonical_json_is_stable_and_strict() -> None:
     assert canonical_json({"b": 1.5, "a": float("nan"), "c": [float("inf")]}) == '{"a":null,"b":1.5,"c":[null]}'
+
+
+def _tarfile_bytes(path: Path, members: list[tuple[str, bytes]]) -> bytes:
+    """The reference: what tarfile itself writes for the same members and headers."""
+    import io
+
+    with tarfile.open(path, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            tar.addfile(tar_member(name, data), io.BytesIO(data))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 1024, 10239, 10240, 10241, 8**11 - 1])
+@pytest.mark.parametrize("name", ["00003000007.jpg", "a" * 100, "d" * 60 + "/" + "b" * 60, "é.txt", "x"])
+def test_template_headers_equal_tarfiles_own(name: str, size: int) -> None:
+    info = tar_member(name, b"")
+    info.size = size
+    assert tar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+@pytest.mark.parametrize(("name", "size"), [("a.jpg", 8**11), ("c" * 101, 1)])
+def test_headers_tarfile_cannot_write_are_refused_alike(name: str, size: int) -> None:
+    with pytest.raises(ValueError):
+        tar_header(name, size)
+
+
+@given(st.lists(st.tuples(st.text("abc/é0.", min_size=1, max_size=12), st.binary(max_size=1500)), max_size=12))
+@settings(max_examples=60, deadline=None)
+def test_writer_tar_is_byte_identical_to_tarfiles(members: list[tuple[str, bytes]]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        digest, size = write_tar(Path(folder) / "ours.tar", members)
+        ours = (Path(folder) / "ours.tar").read_bytes()
+        assert ours == _tarfile_bytes(Path(folder) / "ref.tar", members)
+        assert (digest, size) == (hashlib.sha256(ours).hexdigest(), len(ours))
