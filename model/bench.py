@@ -61,10 +61,10 @@ def _draft_decode(urls: list[str], image_size: int) -> Any:
     """The loader's own image work alone (draft decode + resize), for the overhead of text and collate."""
     import webdataset as wds
 
-    from grit_pipeline.model.data import decode_image
+    from grit_pipeline.model.data import load_pixels
 
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        decode_image(sample["jpg"], image_size)
+        load_pixels(sample["jpg"], image_size)
         yield 1
 
 

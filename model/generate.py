@@ -61,24 +61,18 @@ class Generator:
         self.model = Kosmos2ForConditionalGeneration.from_pretrained(str(checkpoint)).to(self.device).eval()
         self.image_size = image_size_of(self.model)
 
-    def prepare_image(self, image: bytes | Image.Image) -> Image.Image:
-        """The image at the model's size, decoded as the training loader does (JPEG draft mode for bytes)."""
-        from PIL import Image
-
-        from grit_pipeline.model.data import decode_image
+    def prepare_image(self, image: bytes | Image.Image) -> torch.Tensor:
+        """(3, S, S) uint8 pixels exactly as the training loader makes them (JPEG draft mode for bytes)."""
+        from grit_pipeline.model.data import load_pixels, resize_pixels
 
         if isinstance(image, bytes):
-            return decode_image(image, self.image_size)
-        return image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+            return load_pixels(image, self.image_size)
+        return resize_pixels(image.convert("RGB"), self.image_size)
 
-    def pixel_values(self, image: Image.Image) -> torch.Tensor:
-        """Normalised pixels of a model-sized image with the processor's mean/std (as the training collate)."""
-        import numpy as np
-        import torch
-
+    def pixel_values(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised (N, 3, S, S) pixel values with the processor's mean/std (as the training loop)."""
         from grit_pipeline.model.data import normalize_pixels
 
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).unsqueeze(0)
         image_processor = self.processor.image_processor
         return normalize_pixels(pixels, image_processor.image_mean, image_processor.image_std)
 
@@ -103,12 +97,15 @@ class Generator:
                     results[index] = self._parse(text)
         return [r for r in results if r is not None]
 
-    def _generate_texts(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int) -> list[str]:
+    def _generate_texts(self, pixels: list[torch.Tensor], prompts: list[str], max_new_tokens: int) -> list[str]:
         """Decoded texts (control tokens kept) for prompts of one token length (so no padding is needed)."""
         import torch
+        from PIL import Image
 
-        inputs = self.processor(text=prompts, images=images, return_tensors="pt")
-        pixel_values = torch.cat([self.pixel_values(image) for image in images])
+        # The processor writes the 64 image placeholders and the position mask; its own pixels are unused.
+        placeholders = [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
+        inputs = self.processor(text=prompts, images=placeholders, return_tensors="pt")
+        pixel_values = self.pixel_values(torch.stack(pixels))
         with torch.no_grad():
             generated = self.model.generate(
                 pixel_values=pixel_values.to(self.device),

@@ -8,6 +8,7 @@ import tarfile
 
 import pytest
 import torch
+from PIL import Image
 
 from grit_pipeline.model.data import (
     BadSampleBudget,
@@ -20,6 +21,7 @@ from grit_pipeline.model.data import (
     epoch_shards,
     grounded_choice,
     list_shards,
+    load_pixels,
     make_loader,
     split_by_node,
     split_by_worker,
@@ -175,8 +177,14 @@ def test_plain_caption_with_control_strings_is_sanitised(scenes, tokenizer):
 def test_decode_image_draft_and_resize(scenes):
     buffer = io.BytesIO()
     scenes[0].image.resize((400, 300)).save(buffer, format="JPEG")
-    image = decode_image(buffer.getvalue(), 64)
-    assert image.size == (64, 64) and image.mode == "RGB"
+    decoded = decode_image(buffer.getvalue(), 64)
+    assert decoded.mode == "RGB" and decoded.size == (100, 75)  # draft: 1/4 scale, still >= 64 on both sides
+    pixels = load_pixels(buffer.getvalue(), 64)
+    assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8
+    # a flat colour survives the resize
+    flat = io.BytesIO()
+    Image.new("RGB", (300, 200), (200, 40, 40)).save(flat, format="PNG")
+    assert (load_pixels(flat.getvalue(), 32).int() - torch.tensor([200, 40, 40]).view(3, 1, 1)).abs().max() <= 1
 
 
 def _corrupt_shards(shard_dir, out_dir, bad_every):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from grit_pipeline.model.data import (
@@ -87,8 +88,9 @@ def test_input_ids_and_position_mask_match_kosmos2_processor(tokenizer, text):
 
 def test_padded_batch_matches_processor_batch(tokenizer):
     processor = build_processor(tokenizer, 64)
-    image = np.zeros((64, 64, 3), np.uint8)
-    expected = processor(text=TEXTS[:2], images=[Image.fromarray(image)] * 2, add_eos_token=True, padding=True)
+    image = torch.zeros((3, 64, 64), dtype=torch.uint8)
+    placeholder = Image.fromarray(np.zeros((64, 64, 3), np.uint8))
+    expected = processor(text=TEXTS[:2], images=[placeholder] * 2, add_eos_token=True, padding=True)
     encoder = SampleEncoder(tokenizer, 64, DataConfig(shards="unused"))
     samples = [EncodedSample(str(i), *encoder.encode_text(t), image) for i, t in enumerate(TEXTS[:2])]
     batch = collate(samples, tokenizer.pad_token_id)
