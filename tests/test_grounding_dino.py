@@ -338,3 +338,62 @@ def test_a_request_whose_own_pass_fails_is_dropped_with_stage_error(tiny_detecto
     monkeypatch.setattr(grounder.model, "fails", lambda pixels: True)  # fails whatever the data: not isolated
     with pytest.raises(RuntimeError, match="simulated failure"):
         grounder.ground(requests)
+
+
+@pytest.mark.parametrize("nms_iou", [0.6, None])
+def test_stage_equals_the_reference_logic_on_its_own_forward(tiny_detector, nms_iou):
+    """The device-side selection inside `ground` gives what assign_boxes + result_from_candidates give."""
+    from collections import Counter
+
+    from grit_pipeline.stages.grounding import assign_boxes, result_from_candidates
+
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.3, nms_iou=nms_iou,
+                                                     batch_size=3, max_text_tokens=12))
+    captions = ["a dog and a cat and a dog", "two children and a puppy on a red sofa near the window", "a man"]
+    requests = []
+    for seed, caption in enumerate(captions):
+        chunks = [c for c in ("a dog", "a cat", "a dog", "two children", "a puppy", "a red sofa", "the window",
+                              "a man") if c in caption]
+        requests.append(_request(caption, _phrases(caption, *dict.fromkeys(chunks)) if seed else
+                                 _phrases(caption, "a dog", "a cat", "a dog"), _image(64 + 8 * seed, 64, seed), str(seed)))
+    got = grounder.ground(requests)
+    assert max(r.info["text_passes"] for r in got) > 1  # 12 tokens: the long caption takes several passes
+    plans = [grounder.plan(r) for r in requests]
+    items = [(index, text_pass) for index, plan in enumerate(plans) for text_pass in plan.passes]
+    candidates: list[list] = [[] for _ in requests]
+    for start in range(0, len(items), 3):  # the stage's own forwards: same passes, same padding
+        chunk = items[start : start + 3]
+        probs, corners = grounder.forward([requests[i].image for i, _ in chunk], [p.input_ids for _, p in chunk])
+        for row, (index, text_pass) in enumerate(chunk):
+            candidates[index] += assign_boxes(probs[row, :, : len(text_pass.input_ids)], corners[row],
+                                              text_pass.phrase_tokens, text_pass.phrase_ids, min_score=0.3)
+    for request, plan, found, result in zip(requests, plans, candidates, got, strict=True):
+        expected = result_from_candidates(found, plan.phrase_targets, len(request.phrases),
+                                          grounder.config.box_filter(), Counter())
+        assert [len(b) for b in result.boxes] == [len(b) for b in expected.boxes]
+        for boxes, expected_boxes in zip(result.boxes, expected.boxes, strict=True):
+            for box, expected_box in zip(boxes, expected_boxes, strict=True):
+                assert box.score == pytest.approx(expected_box.score, abs=1e-5)
+                assert box.box.as_tuple() == pytest.approx(expected_box.box.as_tuple(), abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_stage_matches_the_cpu_stage(tiny_detector):
+    """On CUDA (pinned buffers, a collect stream, NMS rounds) the results match the CPU's, up to float noise."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    caption = "two children and a puppy on a red sofa"
+    phrases = _phrases(caption, "two children", "a puppy", "a red sofa")
+    requests = [_request(caption, phrases, _image(60 + 9 * s, 90 - 7 * s, s), str(s)) for s in range(7)]
+    results = {}
+    for device in ("cpu", "cuda"):
+        grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0, nms_iou=None,
+                                                         batch_size=3, device=device, dtype="float32"))
+        results[device] = grounder.ground(requests)
+    for on_cpu, on_cuda in zip(results["cpu"], results["cuda"], strict=True):
+        scores_cpu = sorted(b.score for boxes in on_cpu.boxes for b in boxes)
+        scores_cuda = sorted(b.score for boxes in on_cuda.boxes for b in boxes)
+        assert len(scores_cpu) == len(scores_cuda)
+        assert np.allclose(scores_cpu, scores_cuda, atol=1e-3)
