@@ -93,6 +93,10 @@ def test_cli_train_then_generate(shard_dir, tmp_path, scenes):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["step"] == 2 and summary["checkpoint"].endswith("step_00000002")
+    result = runner.invoke(main, ["train", "--shards", str(shard_dir), "--out", str(run), "--resume", "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 3
+    assert json.loads((run / "config.json").read_text())["data"]["batch_size"] == 4  # the saved config
     image = tmp_path / "scene.jpg"
     scenes[0].image.save(image)
     png = tmp_path / "boxes.png"

@@ -14,7 +14,7 @@ import click
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (config, processor, checkpoints).")
 @click.option("--preset", default="tiny", show_default=True, help="Architecture for training from scratch: tiny | kosmos-2.")
 @click.option("--init", "init", default=None, help="Fine-tune a pretrained checkpoint (folder or hub id) with its own processor.")
-@click.option("--steps", type=int, default=1000, show_default=True)
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default 1000; with --resume: the saved run's).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per device, per micro-step.")
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True)
@@ -48,6 +48,7 @@ def train(**options: object) -> None:
     else:
         data_fields = ("shards", "batch_size", "num_workers", "shuffle_buffer", "resampled", "grounded_prob",
                        "span_mode", "max_length", "max_skip_rate", "seed")
+        options["steps"] = options["steps"] or 1000
         data = DataConfig(**{name: options[name] for name in data_fields})
         rest = {k: v for k, v in options.items() if k not in data_fields or k == "seed"}
         config = TrainConfig(data=data, **rest)  # type: ignore[arg-type]
