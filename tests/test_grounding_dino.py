@@ -397,3 +397,50 @@ def test_cuda_stage_matches_the_cpu_stage(tiny_detector):
         scores_cuda = sorted(b.score for boxes in on_cuda.boxes for b in boxes)
         assert len(scores_cpu) == len(scores_cuda)
         assert np.allclose(scores_cpu, scores_cuda, atol=1e-3)
+
+
+def test_forward_i_runs_while_i_plus_1_is_prepared_and_i_minus_1_collected(tiny_detector, monkeypatch):
+    """The helpers overlap the model: forward i, preparing i+1 and collecting i-1 each wait for the others to
+    have started, which only concurrent work satisfies; run in sequence, the waits would time out."""
+    import threading
+
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, batch_size=1, box_threshold=0.0))
+    count = 4
+    started = {kind: [threading.Event() for _ in range(count)] for kind in ("prepare", "forward", "collect")}
+    calls = {"prepare": 0, "forward": 0}
+    real_prepare, real_collect, real_model = grounder.prepare_inputs, grounder._collect, grounder.model
+    overlapped: list[tuple[str, int, bool]] = []
+
+    def prepare(*args, **kwargs):
+        number = calls["prepare"]
+        calls["prepare"] += 1
+        started["prepare"][number].set()
+        if number >= 1:
+            overlapped.append(("prepare during forward", number, started["forward"][number - 1].wait(20)))
+        return real_prepare(*args, **kwargs)
+
+    def collect(chunk, raw, state, batch):
+        number = chunk[0][0]  # one pass per request and per forward: the request index is the forward's
+        started["collect"][number].set()
+        if number + 1 < count:
+            overlapped.append(("collect during forward", number, started["forward"][number + 1].wait(20)))
+        real_collect(chunk, raw, state, batch)
+
+    def model(**inputs):
+        number = calls["forward"]
+        calls["forward"] += 1
+        started["forward"][number].set()
+        if number + 1 < count:
+            overlapped.append(("forward during prepare", number, started["prepare"][number + 1].wait(20)))
+        if number >= 1:
+            overlapped.append(("forward during collect", number, started["collect"][number - 1].wait(20)))
+        return real_model(**inputs)
+
+    monkeypatch.setattr(grounder, "prepare_inputs", prepare)
+    monkeypatch.setattr(grounder, "_collect", collect)
+    monkeypatch.setattr(grounder, "model", model)
+    caption = "a dog on a bed"
+    requests = [_request(caption, _phrases(caption, "a dog", "a bed"), _image(64, 64, s), str(s)) for s in range(count)]
+    results = grounder.ground(requests)
+    assert [r.drop_reason for r in results] == [None] * count
+    assert len(overlapped) == 4 * (count - 1) and all(ok for *_, ok in overlapped), overlapped
