@@ -171,6 +171,8 @@ def main() -> None:
         repeats = args.repeats if time.perf_counter() - started < args.budget_s else 1
         report["runs"].append(run_batch_size(model, tokenizer, image_processor, grounder, batch_size,
                                              images[:count], device, repeats))
+    if grounder is not None:
+        report["selection_check"] = check_selection(stage_module, grounder, images[: max(sizes)])
     report["seconds_total"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=1))
 
@@ -229,6 +231,45 @@ def run_batch_size(model, tokenizer, image_processor, grounder, batch_size: int,
                        "kept_boxes_per_image": round(kept / batch_size, 1),
                        "preprocess_threads": grounder.preprocess_threads})
     return result
+
+
+def check_selection(module, grounder, images: list) -> dict:
+    """The stage's device-side selection (assignment, threshold, clamping, NMS rounds) on this device's real
+    outputs, compared exactly with the reference numpy logic on the same probabilities, and with itself on CPU."""
+    from grit_pipeline.records import Span
+    from grit_pipeline.stages import grounding
+    from grit_pipeline.stages.text import Phrase
+
+    starts = [CAPTION.index(c) for c in CHUNKS]
+    phrases = [Phrase(Span(s, s + len(c)), Span(s, s + len(c)), c.split()[-1]) for s, c in zip(starts, CHUNKS, strict=True)]
+    requests = [grounding.GroundingRequest(key=str(i), caption=CAPTION, phrases=phrases, image=im)
+                for i, im in enumerate(images)]
+    plans = grounder._plan_all(requests)
+    chunk = [(i, p) for i, plan in enumerate(plans) for p in plan.passes]
+    raw = grounder._forward_raw(grounder.prepare_inputs([images[i] for i, _ in chunk], [p.input_ids for _, p in chunk]))
+    with torch.inference_mode():
+        probs, corners = module._probabilities_and_corners(raw.logits, raw.pred_boxes)
+    columns = grounding.token_phrase_columns([p for _, p in chunk], probs.shape[-1])
+    probs_np, corners_np = probs.cpu().numpy(), corners.cpu().numpy()
+    report = {"requests": len(chunk)}
+    for filter_name, box_filter in (("default", grounder._box_filter),
+                                    ("threshold_0.3", grounding.BoxFilter(box_threshold=0.3, nms_iou=0.6))):
+        expected = []
+        for row, (index, text_pass) in enumerate(chunk):
+            candidates = grounding.assign_boxes(probs_np[row, :, : len(text_pass.input_ids)], corners_np[row],
+                                                text_pass.phrase_tokens, text_pass.phrase_ids,
+                                                min_score=box_filter.box_threshold)
+            expected.append(grounding.result_from_candidates(candidates, plans[index].phrase_targets, len(phrases),
+                                                             box_filter))
+        for where, (p, c) in (("device", (probs, corners)), ("cpu", (probs.cpu(), corners.cpu()))):
+            selected = grounding.select_boxes(p, c, columns, box_filter, [True] * len(chunk))
+            got = [grounding.result_from_selected([(selection, text_pass.phrase_ids)], plans[index].phrase_targets,
+                                                  len(phrases), box_filter)
+                   for (index, text_pass), selection in zip(chunk, selected, strict=True)]
+            report[f"{filter_name}_{where}_mismatches"] = sum(
+                a.boxes != b.boxes or a.dropped != b.dropped for a, b in zip(got, expected, strict=True))
+        report[f"{filter_name}_kept_boxes"] = sum(len(b) for r in expected for b in r.boxes)
+    return report
 
 
 class _FixedOutputs:
