@@ -176,6 +176,7 @@ class PhraseStage:
         from grit_pipeline.stages.text import PhraseExtractor
 
         self.extractor = PhraseExtractor(config.text)
+        self.spacy_model = config.text.spacy_model
 
     def __call__(self, items: list[WorkItem]) -> list[WorkItem]:
         """Fill `phrases` of every live item without a source record."""
@@ -183,6 +184,7 @@ class PhraseStage:
         if not todo:
             return items
         try:
+            import_spacy_without_torch(self.spacy_model)
             self.extractor.nlp  # noqa: B018 - load spaCy once; a missing model must stop the run, not the sample
         except Exception as exc:
             raise StageSetupError(f"phrases: {exc}") from exc
@@ -195,6 +197,35 @@ class PhraseStage:
             else:
                 item.phrases = list(result.phrases)
         return items
+
+
+_TORCH_SPACY_PACKAGES = ("spacy-transformers", "spacy_transformers", "spacy-curated-transformers",
+                         "spacy_curated_transformers")
+
+
+def import_spacy_without_torch(model: str) -> bool:
+    """Import spaCy without torch when the model is a packaged CPU pipeline; returns True when it did.
+
+    thinc imports torch (seconds of start-up in every worker) only to offer torch-backed layers; a packaged
+    pipeline that does not depend on spacy-transformers never uses them, so the parse is the same. torch is
+    hidden only while spaCy imports: a later `import torch` (a detector in the same worker) works normally.
+    """
+    import importlib.metadata
+
+    if "spacy" in sys.modules or "torch" in sys.modules:
+        return False
+    try:
+        requirements = importlib.metadata.requires(model) or []
+    except (importlib.metadata.PackageNotFoundError, ValueError):  # a path or an unknown name: leave it alone
+        return False
+    if model.endswith("_trf") or any(r.lower().startswith(_TORCH_SPACY_PACKAGES) for r in requirements):
+        return False
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError: thinc goes without
+    try:
+        import spacy  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+    return True
 
 
 class GroundStage:

@@ -1,12 +1,12 @@
-"""The Ray runner: the same stages as Ray Data operators, streaming samples from shard reads to the driver.
+"""The Ray runner: the same stages in Ray actors, whole shards read by the workers, written by the driver.
 
 `ray.init()` starts an embedded local cluster unless `--ray-address` (or RAY_ADDRESS) names one to attach
-to. Reading is a task per shard; the stages run in actor pools, so
-models load once per worker (see `build_dataset` for the layout with and without a GPU grounder); the grounder asks for `gpus_per_grounder` GPUs (0 on CPU). Rows carry one
-pickled `WorkItem` (or a `ShardHeader`) each; the driver regroups them by shard and hands complete shards
-to the sink, so OUT is written by one process. Dead tasks and actors are retried by Ray (Ray Data's defaults: a
-task whose worker dies is resubmitted, an actor that dies is restarted and its batch retried); if the
-dataset still fails, every shard not yet written is recorded as failed and the rest of the run's output stands.
+to. Without a GPU grounder, every stage (reading included) runs in one pool of plain Ray actors, one per
+core, each taking whole shards (`run_actor_pool`); with one, a Ray Data pipeline feeds GPU grounder actors
+from CPU actors that read and run decode and spaCy (`run_dataset`). Either way models load once per
+worker, the image bytes travel from the worker that reads them to the driver and nowhere else, and the
+driver writes every output shard, so OUT is written by one process. A dead actor is restarted and its
+work retried by Ray; a shard that still fails is recorded as failed and the rest of the run's output stands.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from grit_pipeline.config import BuildConfig
@@ -55,65 +56,93 @@ def init_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def read_rows(row: dict[str, Any], key_digits: int, batch_size: int) -> list[dict[str, bytes]]:
-    """Ray flat_map: one input shard -> its header row, then one row per batch of `batch_size` samples.
+@dataclass(frozen=True, slots=True)
+class ShardTask:
+    """Input shard `shard` to be read, as output shard `index`, by the first actor pool."""
 
-    A row is a whole batch so that every stage sees exactly the batches the local runner makes
-    (`shard_batches`): a detector's output can depend on what it is batched with (padding, kernel choice).
-    """
-    index, shard = row["index"], pickle.loads(row["shard"])
-    header, items = read_shard(index, shard, key_digits)
-    return [{"item": pickle.dumps(header)}] + [{"item": pickle.dumps(b)} for b in shard_batches(items, batch_size)]
+    index: int
+    shard: InputShard
 
 
 class StageWorker:
-    """A Ray Data callable class running named pipeline stages on batches of pickled rows."""
+    """A Ray Data callable class: reads `ShardTask` rows and runs named pipeline stages on batch rows.
+
+    A shard is cut into the batches every runner makes (`shard_batches`), one row each, so a stage whose
+    output depends on its batch-mates (a detector's padding) computes what the local runner computes.
+    """
 
     def __init__(self, config: dict[str, Any], names: Sequence[str]) -> None:
         built = BuildConfig.from_dict(config)
+        self.key_digits = built.key_digits
+        self.batch_size = built.batch_size
         self.stages = [_STAGES[name](built) for name in names]
+        self.releases_pixels = any(isinstance(stage, GroundStage) for stage in self.stages)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Unpickle, run the stages on each batch of WorkItems (headers pass through), pickle back."""
-        import numpy as np
+    def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Each input row's output rows: a read shard's header then its processed batches; headers pass through.
 
-        rows = [pickle.loads(value) for value in batch["item"]]
-        for items in (row for row in rows if isinstance(row, list)):
-            for stage in self.stages:
-                run_stage(stage, items)
-            if any(isinstance(stage, GroundStage) for stage in self.stages):
-                for item in items:
-                    item.release_pixels()  # later stages and the writer need the stored bytes, not the pixels
-        return {"item": np.array([pickle.dumps(row) for row in rows], dtype=object)}
+        Yielding row by row lets Ray Data ship a shard's results without holding them all in one batch.
+        """
+        for value in batch["item"]:
+            for row in self.process(pickle.loads(value)):
+                yield _rows([row])
+
+    def process(self, row: ShardTask | ShardHeader | list[WorkItem]) -> Iterator[ShardHeader | list[WorkItem]]:
+        """Read a shard task, or run the stages on one batch of WorkItems (a header passes through)."""
+        if isinstance(row, ShardTask):
+            header, items = read_shard(row.index, row.shard, self.key_digits)
+            yield header
+            for items_batch in shard_batches(items, self.batch_size):
+                yield self.run(items_batch)
+        elif isinstance(row, list):
+            yield self.run(row)
+        else:
+            yield row
+
+    def shard(self, task: ShardTask) -> list[ShardHeader | list[WorkItem]]:
+        """A whole shard, read and processed: its header, then its batches (the CPU actor pool's method)."""
+        return list(self.process(task))
+
+    def run(self, items: list[WorkItem]) -> list[WorkItem]:
+        """The stages, in order, on one pipeline batch."""
+        for stage in self.stages:
+            run_stage(stage, items)
+        if self.releases_pixels:
+            for item in items:
+                item.release_pixels()  # later stages and the writer need the stored bytes, not the pixels
+        return items
+
+
+def _rows(rows: Sequence[Any]) -> dict[str, Any]:
+    import numpy as np
+
+    column = np.empty(len(rows), dtype=object)  # filled one by one: numpy must not unpack the bytes
+    for position, row in enumerate(rows):
+        column[position] = pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL)
+    return {"item": column}
 
 
 def run_stages_task(batch: dict[str, Any], config: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
-    """Ray map_batches task for the cheap stateless stages (decode, expand, serialise)."""
-    return StageWorker(config, names)(batch)
+    """Ray map_batches task for the cheap stateless stages (expand, serialise)."""
+    worker = StageWorker(config, names)
+    return _rows([out for value in batch["item"] for out in worker.process(pickle.loads(value))])
 
 
 def build_dataset(config: BuildConfig, shards: Sequence[tuple[int, InputShard]]) -> Any:
-    """The Ray Data pipeline over the pending shards.
+    """The Ray Data pipeline over the pending shards, for a GPU grounder.
 
-    With a GPU grounder: read tasks -> CPU actors (decode, spaCy) -> GPU actors (ground) -> CPU tasks
-    (expand, serialise), so the detector is fed by as many CPU workers as the machine has. Without one, the
-    grounder is a CPU stage like the others and all stages run in one CPU actor pool, one actor per core:
-    the rows are then pickled once per sample instead of once per stage. Read tasks ask for a tenth of a
-    CPU, and the actors leave that much free, so that reading never starves.
+    CPU actors (read, decode, spaCy) -> GPU actors (ground) -> CPU tasks (expand, serialise), so the
+    detector is fed by as many CPU workers as the machine has. The first pool reads each shard itself, so
+    the image bytes make one Ray hop fewer than with separate read tasks.
     """
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     config_dict = config.to_dict()
-    items = [{"index": index, "shard": pickle.dumps(shard)} for index, shard in shards]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.flat_map(read_rows, fn_kwargs={"key_digits": config.key_digits, "batch_size": config.batch_size},
-                     num_cpus=_CHEAP_CPU)
-    common: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy"}  # one row = one pipeline batch
-    actor_cpus = max(_CHEAP_CPU, (cpus - 2 * _CHEAP_CPU) / cpus)
-    if not config.gpus_per_grounder:
-        return ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ALL_STAGES), num_cpus=actor_cpus,
-                              compute=ray.data.ActorPoolStrategy(size=cpus), **common)
+    tasks = [{"item": pickle.dumps(ShardTask(index, shard))} for index, shard in shards]
+    ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
+    common: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy"}  # one input row = one shard or batch
+    actor_cpus = max(_CHEAP_CPU, (cpus - 2 * _CHEAP_CPU) / cpus)  # leave room for the cheap tasks downstream
     ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("decode", "phrases")), num_cpus=actor_cpus,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=cpus), **common)
     ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("ground",)),
@@ -149,8 +178,80 @@ def error_message(exc: BaseException) -> str:
 
 def run_ray(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sink: ShardSink,
             progress: Progress) -> None:
-    """Run the pending shards on Ray; complete shards are written as soon as their last sample arrives."""
+    """Run the pending shards on Ray; complete shards are written as soon as their last sample arrives.
+
+    Without a GPU grounder every stage runs in one pool of plain Ray actors, one per core (`run_actor_pool`);
+    with one, the stages form a Ray Data pipeline with a GPU actor pool (`run_dataset`).
+    """
     init_ray(config.ray_address)
+    if config.gpus_per_grounder:
+        run_dataset(config, shards, sink, progress)
+    else:
+        run_actor_pool(config, shards, sink, progress)
+
+
+# Restarts of a dead actor and retries of its task: a shard whose worker keeps dying fails alone.
+_ACTOR_RESTARTS = 3
+_TASKS_IN_FLIGHT_PER_ACTOR = 2  # the next shard waits in the actor while the driver fetches and writes one
+
+
+def run_actor_pool(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sink: ShardSink,
+                   progress: Progress) -> None:
+    """All stages in one pool of CPU actors, one per core, each reading and processing whole shards.
+
+    Plain actors rather than a Ray Data pipeline: a single fused operator gains nothing from Ray Data's
+    streaming executor, which costs seconds per build to start (its stats actor, executor and
+    operator start-up; measured by `grit bench pipeline`). The actors are created first thing, so their
+    processes import and set up while the driver submits. Ray restarts an actor that dies and retries its
+    shard (`_ACTOR_RESTARTS` times); a shard that still fails is recorded and the others go on. A result is
+    a whole shard (its header and batches), fetched by the driver and written at once.
+    """
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    worker_class = ray.remote(StageWorker).options(num_cpus=1, max_restarts=_ACTOR_RESTARTS,
+                                                   max_task_retries=_ACTOR_RESTARTS)
+    config_dict = config.to_dict()
+    actors = [worker_class.remote(config_dict, ALL_STAGES) for _ in range(min(cpus, len(shards)))]
+    queue = [ShardTask(index, shard) for index, shard in reversed(shards)]  # popped from the end: in order
+    in_flight: dict[Any, tuple[Any, ShardTask]] = {}
+
+    def submit(actor: Any) -> None:
+        if queue:
+            task = queue.pop()
+            sink.begin(task.index)
+            in_flight[actor.shard.remote(task)] = (actor, task)
+
+    for _ in range(_TASKS_IN_FLIGHT_PER_ACTOR):
+        for actor in actors:
+            submit(actor)
+    while in_flight:
+        (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+        actor, task = in_flight.pop(ref)
+        submit(actor)
+        try:
+            rows = ray.get(ref)
+        except Exception as exc:  # retries exhausted, or a stage that cannot start
+            message = error_message(exc)
+            if _is_setup_error(exc):  # no shard can succeed: record them all and stop
+                for failed in [task, *(t for _, t in in_flight.values()), *queue]:
+                    sink.fail(failed.index, message)
+                return
+            sink.fail(task.index, message)
+            continue
+        header, batches = rows[0], rows[1:]
+        for batch in batches:
+            progress.add(batch)
+        sink.write(header, [item for batch in batches for item in batch])
+
+
+def _is_setup_error(exc: BaseException) -> bool:
+    return isinstance(exc, StageSetupError) or "StageSetupError: " in str(exc)
+
+
+def run_dataset(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sink: ShardSink,
+                progress: Progress) -> None:
+    """The GPU layout on Ray Data; if the dataset fails after its retries, every unwritten shard fails."""
     headers: dict[int, ShardHeader] = {}
     buffers: dict[int, list[WorkItem]] = {index: [] for index, _ in shards}
     written: set[int] = set()
