@@ -14,7 +14,7 @@ from grit_pipeline.model.scene_shards import write_scene_shards
 from grit_pipeline.model.train import TrainConfig, latest_checkpoint, lr_factor, train
 from grit_pipeline.synthetic import generate_scenes
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # one thread: fast alone, and robust when the cores are shared
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +41,13 @@ def test_loss_falls(shard_dir, tmp_path):
 
 
 def test_resume_continues_exactly(shard_dir, tmp_path):
-    straight = train(_config(shard_dir, tmp_path / "straight"))
-    config = _config(shard_dir, tmp_path / "resumed")
-    first = train(config, stop_after=3)
-    assert first.step == 3
+    straight = train(_config(shard_dir, tmp_path / "straight", steps=4, checkpoint_every=2))
+    config = _config(shard_dir, tmp_path / "resumed", steps=4, checkpoint_every=2)
+    first = train(config, stop_after=2)
+    assert first.step == 2
     second = train(config, resume=True)
-    assert second.step == 6
-    assert first.losses + second.losses == straight.losses
+    assert second.step == 4
+    assert first.losses + second.losses == straight.losses  # bit-identical
 
 
 def test_checkpoint_contents(shard_dir, tmp_path):
