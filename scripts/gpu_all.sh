@@ -17,8 +17,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 REPO=$(pwd)
 echo "== grounding"
-[ -n "${SKIP_GROUNDING:-}" ] || timeout "${GROUNDING_TIMEOUT:-170}" python3 scripts/gpu_grounding.py ${GROUNDING_ARGS:-} 2>"$OUT/grounding.err" | tee "$OUT/grounding.json"
+[ -n "${SKIP_GROUNDING:-}" ] || timeout "${GROUNDING_TIMEOUT:-110}" python3 scripts/gpu_grounding.py ${GROUNDING_ARGS:-} 2>"$OUT/grounding.err" | tee "$OUT/grounding.json"
 [ -n "${SKIP_GROUNDING:-}" ] || tail -5 "$OUT/grounding.err"
+[ -n "${SKIP_TRAIN:-}" ] && exit 0
 echo "== train"
 # From the laid-out package folder: `python -` puts the working directory first on sys.path, and the
 # repository root's grit_pipeline/ lacks the mapped stages/model/manifests subpackages.
