@@ -27,9 +27,11 @@ from grit_pipeline.manifests.manifest import (
     shard_entry,
     write_manifest,
 )
-from grit_pipeline.pipeline import ShardHeader, WorkItem, to_output
+from grit_pipeline.pipeline import ShardHeader, WorkItem, grounders_used, to_output
+from grit_pipeline.records import DropReason
 from grit_pipeline.shards import (
     SHARDS_DIR,
+    OutputSample,
     ShardPaths,
     read_stats,
     remove_stale_temporaries,
@@ -62,14 +64,21 @@ class Progress:
 
     def add(self, items: Sequence[WorkItem]) -> None:
         """Count a processed batch; print the summary line when the interval has passed."""
+        self._count([(item.alive, item.drop_reason) for item in items])
+
+    def add_outputs(self, samples: Sequence[OutputSample]) -> None:
+        """Count finished samples given as the shard writer's OutputSamples (what Ray workers send back)."""
+        self._count([(sample.kept, sample.drop_reason) for sample in samples])
+
+    def _count(self, outcomes: Sequence[tuple[bool, DropReason | None]]) -> None:
         if self.first_batch is None:
-            self.first_batch = (time.monotonic(), len(items))
-        for item in items:
+            self.first_batch = (time.monotonic(), len(outcomes))
+        for kept, reason in outcomes:
             self.samples += 1
-            if item.alive:
+            if kept:
                 self.kept += 1
             else:
-                self.drops[getattr(item.drop_reason, "value", "unknown")] += 1
+                self.drops[getattr(reason, "value", "unknown")] += 1
         if time.monotonic() - self.last_print >= self.interval:
             self.print_line()
 
@@ -116,13 +125,25 @@ class ShardSink:
             return
         try:
             ordered = sorted(items, key=lambda item: item.position)
-            if len(ordered) != header.count:
-                raise RuntimeError(f"{len(ordered)} of {header.count} samples came back")
-            for item in ordered:
-                if item.grounder:  # by kind: GRIT-20M rows go through the annotation grounder
-                    self.models.setdefault(str(item.grounder.get("grounder")), item.grounder)
-            write_shard(self.folder, header.shard, [to_output(item) for item in ordered], header.source,
-                        header.errors)
+            outputs = [to_output(item) for item in ordered]
+        except Exception as exc:  # a shard that cannot be written fails alone
+            self.fail(header.shard, f"write failed: {type(exc).__name__}: {exc}")
+            return
+        self.write_outputs(header, outputs, grounders_used(ordered))
+
+    def write_outputs(self, header: ShardHeader, outputs: Sequence[OutputSample],
+                      grounders: dict[str, dict[str, Any]]) -> None:
+        """Write output shard `header.shard` from its finished samples in position order and the descriptions
+        of the grounders that grounded them; failures are recorded, not raised."""
+        if header.failure is not None:
+            self.fail(header.shard, header.failure)
+            return
+        try:
+            if len(outputs) != header.count:
+                raise RuntimeError(f"{len(outputs)} of {header.count} samples came back")
+            for kind, description in grounders.items():  # by kind: GRIT-20M rows go through the annotation grounder
+                self.models.setdefault(kind, description)
+            write_shard(self.folder, header.shard, outputs, header.source, header.errors)
             if header.shard in self.started:
                 self.seconds[header.shard] = round(time.monotonic() - self.started[header.shard], 3)
             self.progress.shards_done += 1

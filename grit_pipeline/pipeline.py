@@ -447,6 +447,15 @@ def to_output(item: WorkItem) -> OutputSample:
     )
 
 
+def grounders_used(items: Sequence[WorkItem]) -> dict[str, dict[str, Any]]:
+    """The description of every grounder that grounded one of `items`, by kind (the first seen of each)."""
+    used: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if item.grounder:
+            used.setdefault(str(item.grounder.get("grounder")), item.grounder)
+    return used
+
+
 # Grounder description keys about how it ran, not what it computed: kept in the manifest, not in every
 # sample, so that a resumed run with another batch size or device writes the same bytes.
 _RUN_ONLY_KEYS = frozenset({"batch_size", "device", "preprocess_threads", "autocast_dtype", "local_files_only"})
