@@ -150,7 +150,7 @@ def sincos_grid(side: int, dim: int) -> torch.Tensor:
 
 
 def structured_init(model: Kosmos2ForConditionalGeneration, first_location_id: int, grid: int = 32) -> None:
-    """Location embeddings and vision positions as 2-D sin-cos; resampler scaled so the image gets through."""
+    """Location embeddings and vision positions as 2-D sin-cos; a resampler that passes the image through."""
     import math
 
     import torch
@@ -165,9 +165,17 @@ def structured_init(model: Kosmos2ForConditionalGeneration, first_location_id: i
         side = math.isqrt(positions.shape[0] - 1)
         if side * side == positions.shape[0] - 1 and positions.shape[1] % 4 == 0:
             positions[1:] = sincos_grid(side, positions.shape[1]) * 0.3
+        # At transformers' init the resampler hands the decoder 64 near-identical, near-zero vectors: its
+        # std-1 latent queries dominate keys and values, and query-key logits are ~0, so attention is uniform.
+        # Put the (unit-norm) image features on the latents' scale and make the logits O(1): each latent
+        # then pools a different part of the image from step 0, on the text embeddings' scale.
         projection = model.image_to_text_projection
-        projection.latent_query.normal_(0.0, std)
-        projection.dense.weight.normal_(0.0, 1.0 / math.sqrt(projection.dense.weight.shape[1]))
+        projection.latent_query.normal_(0.0, 1.0)
+        projection.dense.weight.normal_(0.0, 1.0)
+        # per-dim std 1 inputs: q and k per-dim std sigma*sqrt(d), scaled logits std sigma^2*d = 2
+        sigma = math.sqrt(2.0 / projection.dense.weight.shape[0])
+        projection.x_attn.q_proj.weight.normal_(0.0, sigma)
+        projection.x_attn.k_proj.weight.normal_(0.0, sigma)
 
 
 def count_parameters(preset: ModelPreset, vocab_size: int) -> int:
