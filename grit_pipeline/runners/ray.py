@@ -244,6 +244,7 @@ def run_actor_pool(config: BuildConfig, shards: Sequence[tuple[int, InputShard]]
     for _ in range(_TASKS_IN_FLIGHT_PER_ACTOR):
         for actor in actors:
             submit(actor)
+    import pyarrow.parquet  # noqa: F401 - the writer's import, done while the workers start rather than after
     while in_flight:
         (ref,), _ = ray.wait(list(in_flight), num_returns=1)
         actor, task = in_flight.pop(ref)
