@@ -77,7 +77,7 @@ class ShardResult:
 
 
 class StageWorker:
-    """A Ray Data callable class: reads `ShardTask` rows and runs named pipeline stages on batch rows.
+    """Runs named pipeline stages: a plain Ray actor (`shard`) or a Ray Data callable class (`__call__`).
 
     A shard is cut into the batches every runner makes (`shard_batches`), one row each, so a stage whose
     output depends on its batch-mates (a detector's padding) computes what the local runner computes.
