@@ -88,8 +88,10 @@ def generate(checkpoint: str, image_path: str, prompt: str, max_new_tokens: int,
 @click.option("--image-size", type=int, default=224, show_default=True, help="Model input size the loader resizes to.")
 @click.option("--source-size", type=int, default=384, show_default=True, help="Size of the synthetic JPEGs.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-def bench_loader(shards: str | None, samples: int, image_size: int, source_size: int, batch_size: int) -> None:
+@click.option("--repeats", type=int, default=3, show_default=True, help="Interleaved repeats; the best of each is kept.")
+def bench_loader(shards: str | None, samples: int, image_size: int, source_size: int, batch_size: int,
+                 repeats: int) -> None:
     """Loader samples/s (decode, tokenize, collate) per worker vs a plain webdataset decode loop."""
     from grit_pipeline.model.bench import bench_loader as run_bench
 
-    click.echo(json.dumps(run_bench(shards, samples, image_size, source_size, batch_size), indent=2))
+    click.echo(json.dumps(run_bench(shards, samples, image_size, source_size, batch_size, repeats), indent=2))
