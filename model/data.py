@@ -266,6 +266,8 @@ class SampleEncoder:
         self.config = config
         self.prefix_ids = image_prefix_ids(tokenizer)
         self.eos_id = int(tokenizer.eos_token_id)
+        # The Rust tokenizer directly: the transformers wrapper costs more than the tokenization itself.
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
 
     def text_for(self, sample: dict[str, Any], epoch: int) -> str:
         """Grounded text (from .txt, or re-serialised in phrase mode) or the sanitised plain caption."""
@@ -294,7 +296,10 @@ class SampleEncoder:
 
     def encode_text(self, text: str) -> tuple[list[int], list[int]]:
         """(input_ids, labels) for `text` after the image prefix; no loss on the prefix."""
-        body = self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
+        if self._backend is not None:
+            body = self._backend.encode(" " + text.strip(), add_special_tokens=False).ids
+        else:
+            body = self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
         body = body[: self.config.max_length - len(self.prefix_ids) - 1] + [self.eos_id]
         input_ids = self.prefix_ids + body
         labels = [-100] * len(self.prefix_ids) + body
