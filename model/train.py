@@ -301,8 +301,12 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     position = DataPosition.from_dict(positions[dist.rank]) if positions else DataPosition(max(1, config.data.num_workers))
     batches = iter(make_loader(make_stream(config, processor, model, dist, position)))
     wrapped = _wrap_ddp(model, dist)
-    return _loop(config, dist, run_dir, model, wrapped, processor, optimizer, scheduler, batches, position,
-                 start_step, stop_after)
+    try:
+        return _loop(config, dist, run_dir, model, wrapped, processor, optimizer, scheduler, batches, position,
+                     start_step, stop_after)
+    finally:
+        if dist.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # a live gloo/nccl group aborts the process at exit
 
 
 def make_stream(config: TrainConfig, processor: Any, model: torch.nn.Module, dist: Dist,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -53,6 +54,8 @@ def train(**options: object) -> None:
         rest = {k: v for k, v in options.items() if k not in data_fields or k == "seed"}
         config = TrainConfig(data=data, **rest)  # type: ignore[arg-type]
     result = run_training(config, resume=resume)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     click.echo(json.dumps({"step": result.step, "final_loss": result.losses[-1] if result.losses else None,
                            "samples_per_s": round(result.samples_per_s, 2), "checkpoint": result.checkpoint}))
 
