@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +178,24 @@ def test_structured_init_makes_neighbouring_cells_alike():
     text_scale = model.get_input_embeddings().weight.abs().mean()
     assert embeds.std(dim=1).mean() > 0.3 * text_scale and embeds.abs().mean() > 0.3 * text_scale
     assert torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight)  # tied
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(shard_dir, tmp_path):
+    """DDP through torchrun (gloo on CPU): shards split by rank, one checkpoint with both ranks' positions."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    grit = shutil.which("grit") or str(Path(sys.executable).with_name("grit"))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    run = tmp_path / "run"
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", grit, "train", "--shards", str(shard_dir),
+               "--out", str(run), "--steps", "3", "--batch-size", "4", "--workers", "0", "--warmup-steps", "1",
+               "--vocab-size", "300", "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = json.loads((latest_checkpoint(run) / "state.json").read_text())
+    assert state["step"] == 3 and len(state["data_positions"]) == 2
