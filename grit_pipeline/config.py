@@ -17,10 +17,14 @@ from grit_pipeline.stages.text import TextConfig
 
 GROUNDER_KINDS = ("grounding-dino", "annotations")
 RUNNERS = ("ray", "local")
+# How a Ray build is laid out: "data" is a Ray Data pipeline (per-operator progress, the grounder in its own
+# actor pool), "actors" one pool of plain actors running every stage on whole shards (no Ray Data executor
+# start-up), "auto" Ray Data when the grounder has GPUs and the actor pool otherwise.
+RAY_ENGINES = ("auto", "data", "actors")
 # Top-level fields that change where and how a run goes, never what it writes: left out of the config
 # fingerprint, so a rerun on another runner or cluster resumes the same output. Batch sizes stay in: a
 # detector's output can depend on its batch-mates.
-_NOT_FINGERPRINTED = frozenset({"runner", "ray_address", "out_dir", "progress_interval", "gpus_per_grounder",
+_NOT_FINGERPRINTED = frozenset({"runner", "ray_address", "ray_engine", "out_dir", "progress_interval", "gpus_per_grounder",
                                 "grounder_workers"})
 
 
@@ -33,6 +37,7 @@ class BuildConfig:
     grounder: str = "grounding-dino"
     runner: str = "ray"
     ray_address: str | None = None
+    ray_engine: str = "auto"
     images_dir: str | None = None
     samples_per_shard: int = 10_000
     key_digits: int = 6
@@ -54,6 +59,8 @@ class BuildConfig:
             raise ValueError(f"grounder must be one of {GROUNDER_KINDS}, got {self.grounder!r}")
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        if self.ray_engine not in RAY_ENGINES:
+            raise ValueError(f"ray_engine must be one of {RAY_ENGINES}, got {self.ray_engine!r}")
         for name in ("samples_per_shard", "batch_size", "grounder_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

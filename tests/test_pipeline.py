@@ -153,10 +153,13 @@ def test_text_stage_runs_for_captions_without_entries(tmp_path: Path, scenes) ->
 
 
 @pytest.mark.parametrize(
-    "gpus_per_grounder",
-    [pytest.param(0.0, id="fused"), pytest.param(1.0, id="grounder-in-gpu-actor-pool", marks=pytest.mark.slow)],
+    "gpus_per_grounder, ray_engine",
+    [pytest.param(0.0, "auto", id="fused"),
+     pytest.param(0.0, "data", id="ray-data-on-cpu", marks=pytest.mark.slow),
+     pytest.param(1.0, "auto", id="grounder-in-gpu-actor-pool", marks=pytest.mark.slow)],
 )
-def test_ray_runner_writes_the_same_bytes_as_the_local_runner(tmp_path: Path, inputs, gpus_per_grounder) -> None:
+def test_ray_runner_writes_the_same_bytes_as_the_local_runner(tmp_path: Path, inputs, gpus_per_grounder,
+                                                              ray_engine) -> None:
     """Both Ray layouts: all stages fused in one CPU pool, and (slow: one Ray start each) the grounder in its
     own GPU actor pool, on a logical GPU declared to Ray that the annotation grounder never touches."""
     import ray
@@ -165,9 +168,9 @@ def test_ray_runner_writes_the_same_bytes_as_the_local_runner(tmp_path: Path, in
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         distributed = run_build(_config(list(inputs), tmp_path / "ray", runner="ray",
-                                        gpus_per_grounder=gpus_per_grounder))
+                                        gpus_per_grounder=gpus_per_grounder, ray_engine=ray_engine))
         no_model = run_build(_config([inputs[1]], tmp_path / "no-model", runner="ray", gpus_per_grounder=gpus_per_grounder,
-                                     text=TextConfig(spacy_model="no_such_spacy_model")))
+                                     ray_engine=ray_engine, text=TextConfig(spacy_model="no_such_spacy_model")))
     finally:
         ray.shutdown()
     # A stage that cannot start fails every shard with its own message; it is never blamed on the samples.

@@ -33,11 +33,14 @@ _GROUNDERS = ("grounding-dino", "annotations")
 @click.option("--grounder-workers", type=int, default=1, show_default=True, help="Grounder actors (Ray).")
 @click.option("--gpus-per-grounder", type=float, default=None, help="GPUs per grounder actor (default: 1 if CUDA).")
 @click.option("--progress-interval", type=float, default=10.0, show_default=True, help="Seconds between summaries.")
+@click.option("--ray-engine", type=click.Choice(["auto", "data", "actors"]), default="auto", show_default=True,
+              help="Ray layout: a Ray Data pipeline (per-operator progress), one pool of plain actors over whole "
+                   "shards (faster start), or auto: Ray Data when the grounder has GPUs.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing build in --out.")
 def build(inputs: tuple[str, ...], out_dir: str, grounder: str, detector: str | None, box_threshold: float | None,
           nms_iou: float | None, runner: str, ray_address: str | None, images_dir: str | None,
           spacy_model: str | None, mode: str, samples_per_shard: int, batch_size: int, grounder_workers: int,
-          gpus_per_grounder: float | None, progress_interval: float, overwrite: bool) -> None:
+          gpus_per_grounder: float | None, progress_interval: float, ray_engine: str, overwrite: bool) -> None:
     """Build Kosmos-2-ready WebDataset shards from img2dataset folders, captions.jsonl folders or GRIT-20M parquet."""
     from grit_pipeline.build import OutputInUseError, run_build, summary_table
 
@@ -46,7 +49,8 @@ def build(inputs: tuple[str, ...], out_dir: str, grounder: str, detector: str | 
                              nms_iou=nms_iou, runner=runner, ray_address=ray_address, images_dir=images_dir,
                              spacy_model=spacy_model, mode=mode, samples_per_shard=samples_per_shard,
                              batch_size=batch_size, grounder_workers=grounder_workers,
-                             gpus_per_grounder=gpus_per_grounder, progress_interval=progress_interval)
+                             gpus_per_grounder=gpus_per_grounder, progress_interval=progress_interval,
+                             ray_engine=ray_engine)
         _require_detector(config)
         result = run_build(config, overwrite=overwrite)
     except (OutputInUseError, ValueError) as exc:

@@ -199,11 +199,12 @@ def run_ray(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sink:
             progress: Progress) -> None:
     """Run the pending shards on Ray; complete shards are written as soon as their last sample arrives.
 
-    Without a GPU grounder every stage runs in one pool of plain Ray actors, one per core (`run_actor_pool`);
-    with one, the stages form a Ray Data pipeline with a GPU actor pool (`run_dataset`).
+    `ray_engine="data"` (and "auto" with a GPU grounder): the stages form a Ray Data pipeline, the grounder
+    in its own actor pool (`run_dataset`); `"actors"` (and "auto" without a GPU grounder): every stage runs
+    in one pool of plain Ray actors, one per core (`run_actor_pool`).
     """
     init_ray(config.ray_address)
-    if config.gpus_per_grounder:
+    if config.ray_engine == "data" or (config.ray_engine == "auto" and config.gpus_per_grounder):
         run_dataset(config, shards, sink, progress)
     else:
         run_actor_pool(config, shards, sink, progress)
