@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,9 +142,10 @@ def _singular_forms(word: str) -> tuple[str, ...]:
     return tuple(forms)
 
 
-def chunk_filter_reason(chunk: Any, config: TextConfig, abstract: frozenset[str]) -> DropReason | None:
-    """Why a spaCy noun chunk is dropped, or None to keep it."""
-    root = chunk.root
+def chunk_filter_reason(chunk: Any, config: TextConfig, abstract: frozenset[str],
+                        root: Token | None = None) -> DropReason | None:
+    """Why a spaCy noun chunk is dropped, or None to keep it (`root`: the chunk's root, when known)."""
+    root = chunk.root if root is None else root
     word = root.lower_
     if config.filter_abstract and any(form in abstract for form in _singular_forms(word)):
         return DropReason.ABSTRACT_NOUN
@@ -154,13 +155,12 @@ def chunk_filter_reason(chunk: Any, config: TextConfig, abstract: frozenset[str]
         return DropReason.REFLEXIVE_PRONOUN
     if root.pos_ == "PRON" and word in NON_REFERRING_PRONOUNS:
         return DropReason.NON_REFERRING_PRONOUN
-    if _is_fixed_phrase_fragment(chunk):
+    if _is_fixed_phrase_fragment(chunk, root):
         return DropReason.FIXED_PHRASE_FRAGMENT
     return None
 
 
-def _is_fixed_phrase_fragment(chunk: Any) -> bool:
-    root = chunk.root
+def _is_fixed_phrase_fragment(chunk: Any, root: Token) -> bool:
     if root.lower_ not in RELATIONAL_NOUNS or root.dep_ != "pobj":
         return False
     if root.head.lower_ not in LOCATIVE_PREPOSITIONS:
@@ -187,14 +187,14 @@ def is_coordinated(root: Token) -> bool:
     return any(child.dep_ == "appos" and child.conjuncts for child in root.children)
 
 
-def expression_end(chunk: Any) -> int:
+def expression_end(chunk: Any, root: Token | None = None) -> int:
     """The token end of the chunk's referring expression (GRIT.md section 3); the start stays the chunk start.
 
-    A chunk whose root has conjuncts (either side, or heads a list: `is_coordinated`) is not expanded; otherwise the expression runs to the
-    right edge of the root's subtree, with trailing cc/punct/dangling prepositions trimmed, never shorter
-    than the chunk.
+    A chunk whose root has conjuncts (either side, or heads a list: `is_coordinated`) is not expanded;
+    otherwise the expression runs to the right edge of the root's subtree, with trailing cc/punct/dangling
+    prepositions trimmed, never shorter than the chunk.
     """
-    root = chunk.root
+    root = chunk.root if root is None else root
     if is_coordinated(root):
         return chunk.end
     end = max(chunk.end, root.right_edge.i + 1)
@@ -208,16 +208,18 @@ def phrases_of_doc(doc: Doc, config: TextConfig, abstract: frozenset[str]) -> Ca
     """Kept noun chunks of a parsed caption with their expansions, in caption order."""
     result = CaptionPhrases()
     for chunk in doc.noun_chunks:
-        reason = chunk_filter_reason(chunk, config, abstract)
+        root = chunk.root  # computed by walking the chunk: once per chunk
+        reason = chunk_filter_reason(chunk, config, abstract, root)
         if reason is not None:
             result.dropped[reason] += 1
             continue
-        end_token = doc[expression_end(chunk) - 1]
+        start_char = chunk.start_char
+        end_token = doc[expression_end(chunk, root) - 1]
         result.phrases.append(
             Phrase(
-                chunk=Span(chunk.start_char, chunk.end_char),
-                expression=Span(chunk.start_char, end_token.idx + len(end_token.text)),
-                head=chunk.root.lower_,
+                chunk=Span(start_char, chunk.end_char),
+                expression=Span(start_char, end_token.idx + len(end_token.text)),
+                head=root.lower_,
             )
         )
     if not result.phrases:
@@ -252,31 +254,26 @@ class PhraseExtractor:
 
     def __call__(self, captions: Sequence[str]) -> list[CaptionPhrases]:
         """Phrases for each caption, same order; empty or over-long captions get a drop reason, not an error."""
-        results: list[CaptionPhrases | None] = [None] * len(captions)
-        to_parse: list[int] = []
-        for i, caption in enumerate(captions):
-            if not caption or caption.isspace():
-                results[i] = CaptionPhrases(drop_reason=DropReason.EMPTY_CAPTION)
-            elif len(caption) > self.config.max_caption_chars:
-                results[i] = CaptionPhrases(drop_reason=DropReason.CAPTION_TOO_LONG)
-            else:
-                to_parse.append(i)
-        docs = self.nlp.pipe((captions[i] for i in to_parse), batch_size=self.config.batch_size)
-        for i, doc in zip(to_parse, docs, strict=True):
-            results[i] = phrases_of_doc(doc, self.config, self._abstract)
-        return [r for r in results if r is not None]
+        return list(self.iter_phrases(captions))
 
-    def iter_batches(self, captions: Iterable[str], batch_size: int | None = None) -> Iterable[CaptionPhrases]:
-        """Stream results for an iterable of captions, `batch_size` at a time."""
-        size = batch_size or self.config.batch_size
-        batch: list[str] = []
-        for caption in captions:
-            batch.append(caption)
-            if len(batch) >= size:
-                yield from self(batch)
-                batch = []
-        if batch:
-            yield from self(batch)
+    def iter_phrases(self, captions: Iterable[str]) -> Iterator[CaptionPhrases]:
+        """Stream phrases for a stream of captions through one `nlp.pipe` (spaCy batches it)."""
+        limit = self.config.max_caption_chars
+
+        def guarded() -> Iterator[tuple[str, DropReason | None]]:
+            for caption in captions:
+                if not caption or caption.isspace():
+                    yield "", DropReason.EMPTY_CAPTION  # an empty doc costs nothing to "parse"
+                elif len(caption) > limit:
+                    yield "", DropReason.CAPTION_TOO_LONG
+                else:
+                    yield caption, None
+
+        for doc, reason in self.nlp.pipe(guarded(), batch_size=self.config.batch_size, as_tuples=True):
+            if reason is not None:
+                yield CaptionPhrases(drop_reason=reason)
+            else:
+                yield phrases_of_doc(doc, self.config, self._abstract)
 
 
 def drop_contained(spans: Iterable[Span]) -> list[Span]:
