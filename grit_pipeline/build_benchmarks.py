@@ -9,11 +9,11 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from grit_pipeline.shards import OutputSample, sample_key, tar_members, write_shard, write_tar
+from grit_pipeline.timing import best_seconds
 
 
 def _payload_samples(samples: int, image_bytes: int, seed: int = 0) -> list[OutputSample]:
@@ -32,15 +32,6 @@ def _payload_samples(samples: int, image_bytes: int, seed: int = 0) -> list[Outp
     ]
 
 
-def _best_seconds(run: Callable[[], Any], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     with tarfile.open(path, "w") as tar:
         for name, data in members:
@@ -56,9 +47,9 @@ def bench_shard_writer(samples: int, image_bytes: int, repeats: int) -> dict[str
     megabytes = sum(len(data) for _, data in members) / 1e6
     folder = Path(tempfile.mkdtemp(prefix="grit-bench-shards-"))
     try:
-        raw = _best_seconds(lambda: _raw_tar(folder / "raw.tar", tar_members(payload)), repeats)
-        ours = _best_seconds(lambda: write_shard(folder / "ours", 0, payload, {"path": "bench"}), repeats)
-        tar_only = _best_seconds(lambda: write_tar(folder / "tar-only.tar", tar_members(payload)), repeats)
+        raw = best_seconds(lambda: _raw_tar(folder / "raw.tar", tar_members(payload)), repeats)
+        ours = best_seconds(lambda: write_shard(folder / "ours", 0, payload, {"path": "bench"}), repeats)
+        tar_only = best_seconds(lambda: write_tar(folder / "tar-only.tar", tar_members(payload)), repeats)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return {

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import gc
-import os
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
 from grit_pipeline.records import Box, GritRecord, GroundedSpan, Span
 from grit_pipeline.samples import cycle_to, load_caption_sample
-
-
-def pin_to_one_core() -> int | None:
-    """Pin this process to one CPU (Linux), so figures are per core; returns the core or None."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    core = min(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {core})
-    return core
+from grit_pipeline.timing import best_seconds, pin_to_one_core
 
 
 def best_rate(run: Callable[[], Any], items: int, repeats: int) -> float:
     """Items per second of the fastest of `repeats` runs."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return items / best
+    return items / best_seconds(run, repeats)
 
 
 def bench_text_stage(n: int, batch_size: int, naive_n: int, repeats: int) -> dict[str, Any]:
