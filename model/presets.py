@@ -32,9 +32,10 @@ class ModelPreset:
     # Kosmos2Processor always writes 64 placeholders, so the resampler must emit exactly 64 embeddings.
     latent_query_num: int = NUM_IMAGE_TOKENS
     # Initialisation for training from scratch (the architecture is unchanged). "structured": 2-D sin-cos
-    # for the 1,024 location-token embeddings (tied to the LM head, so neighbouring cells score alike) and
-    # the vision position embeddings, and a resampler whose image keys/values are not drowned by its
-    # std-1 latent queries. "transformers": Kosmos2's own _init_weights, as the released model was trained.
+    # for the 1,024 location-token embeddings (tied to the LM head, so neighbouring cells score alike), and a
+    # resampler that starts as a spatial pass-through whose image tokens point at their patch's location
+    # tokens (positional_resampler_init). "transformers": Kosmos2's own _init_weights, as the released model
+    # was trained.
     init: str = "transformers"
 
     def __post_init__(self) -> None:
@@ -136,21 +137,27 @@ def build_model(preset: ModelPreset, vocab_size: int, pad_token_id: int = 1, bos
     return model
 
 
-def sincos_grid(side: int, dim: int) -> torch.Tensor:
-    """(side*side, dim) 2-D sin-cos features of grid cells in row-major order: half for the row, half the column."""
+def sincos_features(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """(n, dim) 2-D sin-cos features of points (row, col) in grid-cell units: [sin row | cos row | sin col | cos col]."""
     import torch
 
     quarter = dim // 4
     frequencies = 1.0 / (64.0 ** (torch.arange(quarter) / quarter))  # wavelengths from 2*pi to 128*pi cells
-    steps = torch.arange(side).float()[:, None] * frequencies
-    axis = torch.cat([torch.sin(steps), torch.cos(steps)], dim=1)  # (side, dim/2)
-    rows = axis[:, None, :].expand(side, side, dim // 2)
-    cols = axis[None, :, :].expand(side, side, dim // 2)
-    return torch.cat([rows, cols], dim=2).reshape(side * side, dim)
+    row_steps = rows.float()[:, None] * frequencies
+    col_steps = cols.float()[:, None] * frequencies
+    return torch.cat([torch.sin(row_steps), torch.cos(row_steps), torch.sin(col_steps), torch.cos(col_steps)], dim=1)
+
+
+def sincos_grid(side: int, dim: int) -> torch.Tensor:
+    """(side*side, dim) sin-cos features of a grid's cells in row-major order (see sincos_features)."""
+    import torch
+
+    index = torch.arange(side * side)
+    return sincos_features(index // side, index % side, dim)
 
 
 def structured_init(model: Kosmos2ForConditionalGeneration, first_location_id: int, grid: int = 32) -> None:
-    """Location embeddings and vision positions as 2-D sin-cos; a resampler that passes the image through."""
+    """Location embeddings as 2-D sin-cos; a resampler whose latent i starts out reading patch i."""
     import math
 
     import torch
@@ -161,6 +168,76 @@ def structured_init(model: Kosmos2ForConditionalGeneration, first_location_id: i
         std = model.config.text_config.init_std
         # same norm as a random N(0, std) row: each sin/cos pair has norm 1, dim/2 pairs
         embeddings[first_location_id : first_location_id + grid * grid] = sincos_grid(grid, dim) * std * math.sqrt(2)
+    if not positional_resampler_init(model, grid):
+        random_resampler_init(model)
+
+
+def positional_resampler_init(model: Kosmos2ForConditionalGeneration, grid: int = 32, key_gain: float = 20.0,
+                              latent_scale: float = 0.3, output_gain: float = 0.5) -> bool:
+    """Make the resampler a spatial pass-through at step 0: latent query i attends to the patches around patch i.
+
+    The vision position embedding of each patch is the sin-cos feature of its centre in location-grid units,
+    in the layout of the location-token embeddings, so the image tokens the decoder receives already point
+    at the location tokens of their patch. Attention is positional: in each resampler head, keys read a
+    head_dim/2 slice of those features (sin and cos of row and column at a few frequencies), and latent query i holds patch i's
+    copy of that slice in dims the keys do not read, which the query projection maps onto the key slice; so
+    latents attend to the image, not to each other. Values and output are identities, scaled to the text
+    embeddings' size. Returns False (nothing changed) when the shapes do not allow it: a square grid of one
+    patch per latent, equal vision and text widths, and head sizes that hold whole frequency groups.
+    """
+    import math
+
+    import torch
+
+    projection = model.image_to_text_projection
+    attention = projection.x_attn
+    text_dim, vision_dim = projection.dense.weight.shape
+    positions = model.vision_model.model.embeddings.position_embedding.weight  # (1 + side*side, vision_dim)
+    side = math.isqrt(positions.shape[0] - 1)
+    latents, heads, head_dim = projection.latent_query.shape[0], attention.num_heads, attention.head_dim
+    half, quarter = head_dim // 2, text_dim // 4
+    per_head = half // 4  # frequencies per head: each gives sin/cos of row and column
+    first = quarter // 8
+    if (side * side != latents or text_dim != vision_dim or half % 4 or text_dim % 4
+            or first + heads * per_head > quarter):
+        return False
+    index = torch.arange(latents)
+    cell = grid / side
+    features = sincos_features((index // side + 0.5) * cell - 0.5, (index % side + 0.5) * cell - 0.5, text_dim)
+    # key dims of head h: four frequency groups spread over the useful wavelengths (about 2 to 16 patches)
+    key_dims = [[part * quarter + first + h + heads * m for m in range(per_head) for part in range(4)]
+                for h in range(heads)]
+    taken = {d for dims in key_dims for d in dims}
+    free = [d for d in range(text_dim) if d not in taken]
+    latent_dims = [free[h * half : (h + 1) * half] for h in range(heads)]
+    key = torch.zeros(text_dim, text_dim)
+    query = torch.zeros(text_dim, text_dim)
+    latent = torch.zeros(latents, text_dim)
+    for h in range(heads):
+        for j, (source, target) in enumerate(zip(key_dims[h], latent_dims[h], strict=True)):
+            key[h * head_dim + j, source] = key_gain
+            query[h * head_dim + j, target] = key_gain
+            latent[:, target] = features[:, source] * latent_scale
+    with torch.no_grad():
+        positions[1:] = features
+        projection.dense.weight.copy_(torch.eye(text_dim))
+        attention.k_proj.weight.copy_(key)
+        attention.q_proj.weight.copy_(query)
+        attention.v_proj.weight.copy_(torch.eye(text_dim))
+        attention.out_proj.weight.copy_(torch.eye(text_dim) * output_gain)
+        projection.latent_query.copy_(latent)
+        for layer in (projection.dense, attention.k_proj, attention.q_proj, attention.v_proj, attention.out_proj):
+            layer.bias.zero_()
+    return True
+
+
+def random_resampler_init(model: Kosmos2ForConditionalGeneration) -> None:
+    """Vision positions as 2-D sin-cos; a random resampler whose image keys/values are not drowned by its latents."""
+    import math
+
+    import torch
+
+    with torch.no_grad():
         positions = model.vision_model.model.embeddings.position_embedding.weight  # (1 + n*n, hidden)
         side = math.isqrt(positions.shape[0] - 1)
         if side * side == positions.shape[0] - 1 and positions.shape[1] % 4 == 0:

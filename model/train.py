@@ -46,6 +46,7 @@ class TrainConfig:
     data: DataConfig
     preset: str = "tiny"
     init: str | None = None
+    dropout: float | None = None  # overrides the preset's dropout (training from scratch only)
     steps: int = 1000
     lr: float = 2e-4
     warmup_steps: int = 375
@@ -70,6 +71,8 @@ class TrainConfig:
             raise ValueError("steps, grad_accum and checkpoint_every must be >= 1; warmup_steps >= 0")
         if self.init is None:
             get_preset(self.preset)
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able fields (data config nested)."""
@@ -175,8 +178,11 @@ def prepare_model(config: TrainConfig, processor: Any, device: torch.device | No
     tokenizer = processor.tokenizer
     torch.manual_seed(config.seed)
     # On a GPU, initialise there: random init of the 1.6B preset on the CPU takes minutes.
+    preset = get_preset(config.preset)
+    if config.dropout is not None:
+        preset = replace(preset, dropout=config.dropout)
     with torch.device(device or "cpu"):
-        return build_model(get_preset(config.preset), len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+        return build_model(preset, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
                            tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<patch_index_0000>"))
 
 
@@ -293,7 +299,6 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
         start_step, positions = state["step"], state["data_positions"]
-        restore_rng(state["rng"])
         log.info("resumed from %s at step %d", checkpoint, start_step)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps), last_epoch=start_step - 1
@@ -301,6 +306,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     position = DataPosition.from_dict(positions[dist.rank]) if positions else DataPosition(max(1, config.data.num_workers))
     batches = iter(make_loader(make_stream(config, processor, model, dist, position)))
     wrapped = _wrap_ddp(model, dist)
+    if checkpoint is not None:
+        # Last: creating the loader's iterator draws its base seed from torch's RNG, which an uninterrupted
+        # run did before step 0; restoring earlier would shift every later dropout mask by that draw.
+        restore_rng(state["rng"])
     try:
         return _loop(config, dist, run_dir, model, wrapped, processor, optimizer, scheduler, batches, position,
                      start_step, stop_after)
@@ -317,11 +326,42 @@ def make_stream(config: TrainConfig, processor: Any, model: torch.nn.Module, dis
     return ShardStream(urls, sizes, encoder, config.data, dist.rank, dist.world_size, start=position)
 
 
+class ScoredTokenLoss(torch.nn.Module):
+    """Kosmos-2's next-token loss with the LM head applied only at the positions that are scored.
+
+    Kosmos2ForConditionalGeneration projects every position onto the vocabulary, but the 64 image
+    positions, the prefix and the padding carry label -100: on the tiny preset that is two thirds of the
+    LM head's work, its largest matmul. Same value and gradients as `model(**batch).loss` (a test checks).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_embeds_position_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the scored next tokens (labels shifted by one, -100 ignored)."""
+        image_embeds = self.model.get_image_features(pixel_values, return_dict=True).pooler_output
+        hidden = self.model.text_model.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_embeds=image_embeds,
+            image_embeds_position_mask=image_embeds_position_mask,
+            use_cache=False,
+        ).last_hidden_state
+        targets = labels[:, 1:]
+        scored = targets != -100
+        logits = self.model.text_model.lm_head(hidden[:, :-1][scored])
+        return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
+
+
 def _wrap_ddp(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
+    """The loss module that runs each step, inside DDP when there are several ranks."""
+    loss_module = ScoredTokenLoss(model)
     if dist.world_size == 1:
-        return model
+        return loss_module
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.nn.parallel.DistributedDataParallel(loss_module, device_ids=device_ids)
 
 
 def _loop(config: TrainConfig, dist: Dist, run_dir: Path, model: torch.nn.Module, wrapped: torch.nn.Module,
@@ -342,7 +382,7 @@ def _loop(config: TrainConfig, dist: Dist, run_dir: Path, model: torch.nn.Module
                                  processor.image_processor.image_std)
             sync = micro == config.grad_accum - 1 or dist.world_size == 1
             with _maybe_no_sync(wrapped, sync), torch.autocast(dist.device.type, torch.bfloat16, enabled=autocast):
-                loss = wrapped(**batch).loss / config.grad_accum
+                loss = wrapped(**batch) / config.grad_accum
             loss.backward()
             loss_value += float(loss.detach())
             samples += batch["input_ids"].shape[0]

@@ -35,6 +35,44 @@ def _config(shard_dir, out, **overrides):
     return TrainConfig(**{**fields, **overrides})
 
 
+def test_dropout_override_reaches_the_model(shard_dir, tmp_path):
+    from grit_pipeline.model.train import prepare_model, prepare_processor, setup_distributed
+
+    config = _config(shard_dir, tmp_path / "run", dropout=0.1)
+    model = prepare_model(config, prepare_processor(config, setup_distributed("cpu")))
+    assert model.config.text_config.dropout == 0.1 and model.config.text_config.attention_dropout == 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        _config(shard_dir, tmp_path / "bad", dropout=1.5)
+
+
+def test_scored_token_loss_equals_the_models_own_loss_and_gradients():
+    from grit_pipeline.model.presets import build_model
+    from grit_pipeline.model.train import ScoredTokenLoss
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny"), 1200, first_location_id=100)
+    ids = torch.randint(3, 1200, (3, 80))
+    labels = ids.clone()
+    labels[:, :67] = -100  # <s> <image> 64 placeholders </image>
+    labels[1, 70:] = -100  # padding
+    attention = (labels != -100).long()
+    attention[:, :67] = 1
+    position = torch.zeros_like(ids)
+    position[:, 2:66] = 1
+    batch = {"pixel_values": torch.randn(3, 3, 64, 64), "input_ids": ids, "attention_mask": attention,
+             "image_embeds_position_mask": position, "labels": labels}
+    expected = model(**batch).loss
+    expected.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ours = ScoredTokenLoss(model)(**batch)
+    ours.backward()
+    assert torch.allclose(ours, expected, atol=1e-6)
+    for name, parameter in model.named_parameters():
+        if name in expected_grads:
+            assert torch.allclose(parameter.grad, expected_grads[name], atol=1e-6), name
+
+
 def test_loss_falls(shard_dir, tmp_path):
     result = train(_config(shard_dir, tmp_path / "run", steps=14, checkpoint_every=100))
     assert len(result.losses) == 14
@@ -42,8 +80,9 @@ def test_loss_falls(shard_dir, tmp_path):
 
 
 def test_resume_continues_exactly(shard_dir, tmp_path):
-    straight = train(_config(shard_dir, tmp_path / "straight", steps=4, checkpoint_every=2))
-    config = _config(shard_dir, tmp_path / "resumed", steps=4, checkpoint_every=2)
+    # dropout 0.1 (the released model's): its random masks must continue exactly too
+    straight = train(_config(shard_dir, tmp_path / "straight", steps=4, checkpoint_every=2, dropout=0.1))
+    config = _config(shard_dir, tmp_path / "resumed", steps=4, checkpoint_every=2, dropout=0.1)
     first = train(config, stop_after=2)
     assert first.step == 2
     second = train(config, resume=True)
@@ -178,6 +217,21 @@ def test_structured_init_makes_neighbouring_cells_alike():
     text_scale = model.get_input_embeddings().weight.abs().mean()
     assert embeds.std(dim=1).mean() > 0.3 * text_scale and embeds.abs().mean() > 0.3 * text_scale
     assert torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight)  # tied
+
+
+def test_structured_init_image_tokens_point_at_their_patch():
+    from grit_pipeline.model.presets import build_model
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny"), 1200, first_location_id=100)
+    with torch.no_grad():
+        embeds = model.get_image_features(torch.rand(2, 3, 64, 64) * 2 - 1).pooler_output  # (2, 64, hidden)
+    # image token i (patch i of the 8x8 grid) scores highest on the location token at that patch's centre
+    nearest = (embeds @ model.get_input_embeddings().weight[100:1124].T).argmax(-1)
+    patch = torch.arange(64)
+    centre_row, centre_col = (patch // 8) * 4 + 1.5, (patch % 8) * 4 + 1.5
+    error = (nearest // 32 - centre_row).abs() + (nearest % 32 - centre_col).abs()
+    assert error.float().mean() < 2.5
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import click
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (config, processor, checkpoints).")
 @click.option("--preset", default="tiny", show_default=True, help="Architecture for training from scratch: tiny | kosmos-2.")
 @click.option("--init", "init", default=None, help="Fine-tune a pretrained checkpoint (folder or hub id) with its own processor.")
+@click.option("--dropout", type=float, default=None, help="Override the preset's dropout (tiny: 0, kosmos-2: 0.1).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default 1000; with --resume: the saved run's).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per device, per micro-step.")
 @click.option("--grad-accum", type=int, default=1, show_default=True)
