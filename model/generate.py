@@ -62,12 +62,12 @@ class Generator:
         self.image_size = image_size_of(self.model)
 
     def prepare_image(self, image: bytes | Image.Image) -> torch.Tensor:
-        """(3, S, S) uint8 pixels exactly as the training loader makes them (JPEG draft mode for bytes)."""
-        from grit_pipeline.model.data import load_pixels, resize_pixels
+        """(3, S, S) uint8 pixels exactly as the training loader makes them (scaled JPEG decode for bytes)."""
+        from grit_pipeline.model.data import image_pixels, load_pixels, resize_pixels
 
         if isinstance(image, bytes):
             return load_pixels(image, self.image_size)
-        return resize_pixels(image.convert("RGB"), self.image_size)
+        return resize_pixels(image_pixels(image), self.image_size)
 
     def pixel_values(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised (N, 3, S, S) pixel values with the processor's mean/std (as the training loop)."""

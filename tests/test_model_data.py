@@ -17,7 +17,7 @@ from grit_pipeline.model.data import (
     SampleEncoder,
     ShardStream,
     SkipRateExceeded,
-    decode_image,
+    decode_pixels,
     epoch_shards,
     grounded_choice,
     list_shards,
@@ -174,17 +174,27 @@ def test_plain_caption_with_control_strings_is_sanitised(scenes, tokenizer):
     assert not control & set(input_ids[67:])
 
 
-def test_decode_image_draft_and_resize(scenes):
+def test_decode_pixels_scales_jpegs_in_the_decoder_and_resizes(scenes):
     buffer = io.BytesIO()
     scenes[0].image.resize((400, 300)).save(buffer, format="JPEG")
-    decoded = decode_image(buffer.getvalue(), 64)
-    assert decoded.mode == "RGB" and decoded.size == (100, 75)  # draft: 1/4 scale, still >= 64 on both sides
+    decoded = decode_pixels(buffer.getvalue(), 64)
+    # scaled in the decoder by the largest power of two keeping both sides >= 64: 1/4 gives 100 x 75
+    assert decoded.dtype == torch.uint8 and tuple(decoded.shape) == (4, 75, 100)  # RGBX
+    assert tuple(decode_pixels(buffer.getvalue(), 80).shape) == (4, 150, 200)  # 1/2; never 5/8 (slow in libjpeg-turbo)
     pixels = load_pixels(buffer.getvalue(), 64)
-    assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8
-    # a flat colour survives the resize
-    flat = io.BytesIO()
-    Image.new("RGB", (300, 200), (200, 40, 40)).save(flat, format="PNG")
-    assert (load_pixels(flat.getvalue(), 32).int() - torch.tensor([200, 40, 40]).view(3, 1, 1)).abs().max() <= 1
+    assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8 and pixels.is_contiguous()
+    # a flat colour survives decode and resize, for JPEG (libjpeg-turbo), PNG and CMYK JPEG (PIL fallback)
+    for mode, colour, fmt in (("RGB", (200, 40, 40), "PNG"), ("RGB", (200, 40, 40), "JPEG"),
+                              ("CMYK", (0, 255, 255, 0), "JPEG"), ("L", 90, "JPEG")):
+        flat = io.BytesIO()
+        Image.new(mode, (300, 200), colour).save(flat, format=fmt, quality=95)
+        expected = torch.tensor(Image.new(mode, (1, 1), colour).convert("RGB").getpixel((0, 0))).view(3, 1, 1)
+        assert (load_pixels(flat.getvalue(), 32).int() - expected).abs().max() <= 3, (mode, fmt)
+
+
+def test_decode_pixels_rejects_a_broken_jpeg():
+    with pytest.raises(OSError):  # PIL's error after libjpeg-turbo declined: counted as image_undecodable
+        decode_pixels(b"\xff\xd8\xff" + b"not a jpeg" * 20, 64)
 
 
 def _corrupt_shards(shard_dir, out_dir, bad_every):
