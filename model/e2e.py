@@ -171,15 +171,28 @@ def evaluate(checkpoint: str, scenes: list[HeldOutScene], baseline: Box) -> dict
 
     generator = Generator(checkpoint, device="cpu")
     truths = [box for scene in scenes for _, box in scene.objects]
+    shapes_in_scene = [len(scene.objects) for scene in scenes for _ in scene.objects]
     alone = phrase_alone_boxes(generator, scenes)
     in_caption = in_caption_boxes(generator, scenes)
+    in_caption_ious = [_iou(b, t) for b, t in zip(in_caption, truths, strict=True)]
+    baseline_ious = [baseline.iou(t) for t in truths]
+    # One shape needs localisation only; two or three also need the phrase bound to the right shape.
+    by_shape_count = {
+        f"{count}_shapes": {
+            "phrases": shapes_in_scene.count(count),
+            "in_caption": _summary([v for v, n in zip(in_caption_ious, shapes_in_scene, strict=True) if n == count]),
+            "baseline": _summary([v for v, n in zip(baseline_ious, shapes_in_scene, strict=True) if n == count]),
+        }
+        for count in sorted(set(shapes_in_scene))
+    }
     return {
         "phrases": len(truths),
         "phrase_alone": _summary([_iou(b, t) for b, t in zip(alone, truths, strict=True)]),
-        "in_caption": _summary([_iou(b, t) for b, t in zip(in_caption, truths, strict=True)]),
-        "baseline": _summary([baseline.iou(t) for t in truths]),
+        "in_caption": _summary(in_caption_ious),
+        "baseline": _summary(baseline_ious),
         "baseline_box": [round(v, 4) for v in baseline.as_tuple()],
         "no_box": {"phrase_alone": alone.count(None), "in_caption": in_caption.count(None)},
+        "by_shape_count": by_shape_count,
     }
 
 
