@@ -43,8 +43,7 @@ def _raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 def bench_shard_writer(samples: int, image_bytes: int, repeats: int) -> dict[str, Any]:
     """MB/s of `write_shard` (tar + parquet + stats, atomic, fsynced) vs `tarfile` writing the same members."""
     payload = _payload_samples(samples, image_bytes)
-    members = tar_members(payload)
-    megabytes = sum(len(data) for _, data in members) / 1e6
+    megabytes = sum(len(data) for _, data in tar_members(payload)) / 1e6
     folder = Path(tempfile.mkdtemp(prefix="grit-bench-shards-"))
     try:
         raw = best_seconds(lambda: _raw_tar(folder / "raw.tar", tar_members(payload)), repeats)

@@ -85,12 +85,12 @@ class InputShard:
     def read(self) -> ShardContents:
         """Read every sample of the shard; read errors are collected, never raised."""
         reader = {InputKind.IMG2DATASET: read_img2dataset_shard, InputKind.CAPTIONS: read_captions_shard,
-                  InputKind.GRIT_PARQUET: read_grit_parquet_shard}[InputKind(self.kind)]
+                  InputKind.GRIT_PARQUET: read_grit_parquet_shard}[self.kind]
         return reader(self)
 
     def describe(self) -> dict[str, Any]:
         """The shard's source, for stats files and the manifest."""
-        return {"kind": InputKind(self.kind).value, "path": self.path, "name": self.name, "start": self.start, "stop": self.stop,
+        return {"kind": self.kind.value, "path": self.path, "name": self.name, "start": self.start, "stop": self.stop,
                 "images": self.images}
 
 

@@ -270,7 +270,7 @@ def image_pixels(image: Image.Image) -> torch.Tensor:
     """(3, H, W) uint8 RGB view of a PIL image."""
     import numpy as np
 
-    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
 def resize_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:

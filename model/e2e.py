@@ -18,9 +18,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grit_pipeline.records import Box, Span
+
+if TYPE_CHECKING:
+    from grit_pipeline.synthetic import Scene
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="grit-e2e-") as tmp:
         work = Path(tmp)
-        shards, build_mode = build_shards(config, work)
+        scenes = training_scenes(config)
+        shards = build_shards(scenes, work)
         built = time.monotonic()
         result = train_tiny(config, shards, work / "run")
         trained = time.monotonic()
-        figures = evaluate(result.checkpoint or "", held_out_scenes(config), mean_train_box(config))
+        figures = evaluate(result.checkpoint or "", held_out_scenes(config), mean_train_box(scenes))
     figures.update({
-        "build": build_mode,
+        "build": "grit build --grounder annotations --runner local",
         "train_steps": result.step,
         "final_loss": round(result.losses[-1], 4),
         "train_samples_per_s": round(result.samples_per_s, 1),
@@ -96,29 +100,24 @@ def _overrides(argv: list[str]) -> dict[str, Any]:
     return out
 
 
-def build_shards(config: E2EConfig, work: Path) -> tuple[Path, str]:
-    """Training scenes -> shards, with the real `grit build` (annotation grounder) when it is available."""
-    from grit_pipeline.synthetic import generate_scenes, write_scene_folder
+def training_scenes(config: E2EConfig) -> list[Scene]:
+    """The training scenes (the held-out ones use another seed)."""
+    from grit_pipeline.synthetic import generate_scenes
 
-    scenes = generate_scenes(config.train_scenes, seed=config.seed, size=(config.scene_size, config.scene_size))
-    if _has_build_command():
-        captions = write_scene_folder(scenes, work / "input")
-        out = work / "build"
-        grit = str(Path(sys.executable).with_name("grit"))
-        command = [grit, "build", str(captions.parent), "--out", str(out), "--grounder", "annotations",
-                   "--runner", "local", "--samples-per-shard", "500"]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return out / "shards", "grit build --grounder annotations --runner local"
-    from grit_pipeline.model.scene_shards import write_scene_shards
-
-    return write_scene_shards(scenes, work / "build", per_shard=500), "scene_shards (grit build unavailable)"
+    return generate_scenes(config.train_scenes, seed=config.seed, size=(config.scene_size, config.scene_size))
 
 
-def _has_build_command() -> bool:
-    """True once grit_pipeline.commands.build exists (the pipeline issue)."""
-    import importlib.util
+def build_shards(scenes: list[Scene], work: Path) -> Path:
+    """Training scenes -> shards with the real `grit build` (annotation grounder); returns the shards folder."""
+    from grit_pipeline.synthetic import write_scene_folder
 
-    return importlib.util.find_spec("grit_pipeline.commands.build") is not None
+    captions = write_scene_folder(scenes, work / "input")
+    out = work / "build"
+    grit = str(Path(sys.executable).with_name("grit"))
+    command = [grit, "build", str(captions.parent), "--out", str(out), "--grounder", "annotations",
+               "--runner", "local", "--samples-per-shard", "500"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out / "shards"
 
 
 def train_tiny(config: E2EConfig, shards: Path, run_dir: Path) -> Any:
@@ -156,11 +155,8 @@ def held_out_scenes(config: E2EConfig) -> list[HeldOutScene]:
     return held_out
 
 
-def mean_train_box(config: E2EConfig) -> Box:
+def mean_train_box(scenes: list[Scene]) -> Box:
     """The trivial baseline: the mean of every training object's box."""
-    from grit_pipeline.synthetic import generate_scenes
-
-    scenes = generate_scenes(config.train_scenes, seed=config.seed, size=(config.scene_size, config.scene_size))
     boxes = [obj.box.as_tuple() for scene in scenes for obj in scene.objects]
     return Box(*(sum(values) / len(boxes) for values in zip(*boxes, strict=True)))
 
@@ -226,10 +222,10 @@ def in_caption_boxes(generator: Any, scenes: list[HeldOutScene]) -> list[Box | N
             prompts.append(f"{prefix}{between.removesuffix(' ')}<phrase>{lead}{span.text(scene.caption)}</phrase>")
         generations = generator.generate_batch([s.image for s in todo], prompts, max_new_tokens=4)
         for scene, generation in zip(todo, generations, strict=True):
-            boxes[(scene.key, round_index)] = _prompted_box(generation)
+            box = boxes[(scene.key, round_index)] = _prompted_box(generation)
             cut = generation.text.rfind("</phrase>") + len("</phrase>")
             end = generation.text.find("</object>", cut)
-            kept = generation.text[: end + len("</object>")] if _prompted_box(generation) else generation.text[:cut]
+            kept = generation.text[: end + len("</object>")] if box else generation.text[:cut]
             prefixes[scene.key] = (kept, scene.objects[round_index][0].end)
     return [boxes[(scene.key, k)] for scene in scenes for k in range(len(scene.objects))]
 

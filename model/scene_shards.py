@@ -1,7 +1,7 @@
 """Write synthetic scenes straight into `grit build`-layout shards (KEY.jpg/.json/.txt, sizes.json).
 
-The trainer's tests and the e2e fallback use this when the real `grit build` is not wanted (fast tests) or
-not available; the sample layout is the one `grit build` writes, so the loader cannot tell them apart.
+The trainer's tests use this where the real `grit build` would only cost time; the sample layout is the one
+`grit build` writes, so the loader cannot tell them apart.
 """
 
 from __future__ import annotations

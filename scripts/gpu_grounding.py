@@ -38,6 +38,17 @@ CAPTION = "a man with a red hat rides a bike on the street next to a white car a
 CHUNKS = ["a man", "a red hat", "a bike", "the street", "a white car", "a dog"]
 
 
+def _requests(images: list) -> list:
+    """One GroundingRequest per image: CAPTION with each of CHUNKS as a phrase."""
+    from grit_pipeline.records import Span
+    from grit_pipeline.stages.grounding import GroundingRequest
+    from grit_pipeline.stages.text import Phrase
+
+    starts = [CAPTION.index(c) for c in CHUNKS]
+    phrases = [Phrase(Span(s, s + len(c)), Span(s, s + len(c)), c.split()[-1]) for s, c in zip(starts, CHUNKS, strict=True)]
+    return [GroundingRequest(key=str(i), caption=CAPTION, phrases=phrases, image=im) for i, im in enumerate(images)]
+
+
 def tiny_architecture_config():
     """GroundingDinoConfig equal to IDEA-Research/grounding-dino-tiny's config.json, written out by hand."""
     from transformers import BertConfig, GroundingDinoConfig, SwinConfig
@@ -198,13 +209,7 @@ def run_batch_size(model, tokenizer, image_processor, grounder, batch_size: int,
     runs = {"forward": forward_all}
     requests = []
     if grounder is not None:
-        from grit_pipeline.records import Span
-        from grit_pipeline.stages.grounding import GroundingRequest
-        from grit_pipeline.stages.text import Phrase
-
-        starts = [CAPTION.index(c) for c in CHUNKS]
-        phrases = [Phrase(Span(s, s + len(c)), Span(s, s + len(c)), c.split()[-1]) for s, c in zip(starts, CHUNKS, strict=True)]
-        requests = [GroundingRequest(key=str(i), caption=CAPTION, phrases=phrases, image=im) for i, im in enumerate(images)]
+        requests = _requests(images)
         grounder.config = dataclasses.replace(grounder.config, batch_size=batch_size)  # the same batches
         grounder.ground(requests[: 2 * batch_size])  # warm-up (pinned memory, streams)
         runs["stage"] = lambda: grounder.ground(requests)
@@ -236,14 +241,9 @@ def run_batch_size(model, tokenizer, image_processor, grounder, batch_size: int,
 def check_selection(module, grounder, images: list) -> dict:
     """The stage's device-side selection (assignment, threshold, clamping, NMS rounds) on this device's real
     outputs, compared exactly with the reference numpy logic on the same probabilities, and with itself on CPU."""
-    from grit_pipeline.records import Span
     from grit_pipeline.stages import grounding
-    from grit_pipeline.stages.text import Phrase
 
-    starts = [CAPTION.index(c) for c in CHUNKS]
-    phrases = [Phrase(Span(s, s + len(c)), Span(s, s + len(c)), c.split()[-1]) for s, c in zip(starts, CHUNKS, strict=True)]
-    requests = [grounding.GroundingRequest(key=str(i), caption=CAPTION, phrases=phrases, image=im)
-                for i, im in enumerate(images)]
+    requests = _requests(images)
     plans = grounder._plan_all(requests)
     chunk = [(i, p) for i, plan in enumerate(plans) for p in plan.passes]
     raw = grounder._forward_raw(grounder.prepare_inputs([images[i] for i, _ in chunk], [p.input_ids for _, p in chunk]))
@@ -259,12 +259,12 @@ def check_selection(module, grounder, images: list) -> dict:
             candidates = grounding.assign_boxes(probs_np[row, :, : len(text_pass.input_ids)], corners_np[row],
                                                 text_pass.phrase_tokens, text_pass.phrase_ids,
                                                 min_score=box_filter.box_threshold)
-            expected.append(grounding.result_from_candidates(candidates, plans[index].phrase_targets, len(phrases),
+            expected.append(grounding.result_from_candidates(candidates, plans[index].phrase_targets, len(CHUNKS),
                                                              box_filter))
         for where, (p, c) in (("device", (probs, corners)), ("cpu", (probs.cpu(), corners.cpu()))):
             selected = grounding.select_boxes(p, c, columns, box_filter, [True] * len(chunk))
             got = [grounding.result_from_selected([(selection, text_pass.phrase_ids)], plans[index].phrase_targets,
-                                                  len(phrases), box_filter)
+                                                  len(CHUNKS), box_filter)
                    for (index, text_pass), selection in zip(chunk, selected, strict=True)]
             report[f"{filter_name}_{where}_mismatches"] = sum(
                 a.boxes != b.boxes or a.dropped != b.dropped for a, b in zip(got, expected, strict=True))
@@ -302,9 +302,7 @@ def cpu_profile(batch_size: int = 16, count: int = 64) -> dict:
 
     hf_logging.disable_progress_bar()
     module = import_stage()
-    from grit_pipeline.records import Span
     from grit_pipeline.stages import grounding
-    from grit_pipeline.stages.text import Phrase
     from grit_pipeline.testing import build_tiny_grounding_dino
 
     torch.set_num_threads(1)
@@ -315,10 +313,7 @@ def cpu_profile(batch_size: int = 16, count: int = 64) -> dict:
     grounder.image_processor = GroundingDinoImageProcessorPil()  # grounding-dino-tiny's 800/1333 resizing
     grounder.model = _FixedOutputs(batch_size)
     images = web_images(count)
-    starts = [CAPTION.index(c) for c in CHUNKS]
-    phrases = [Phrase(Span(s, s + len(c)), Span(s, s + len(c)), c.split()[-1]) for s, c in zip(starts, CHUNKS, strict=True)]
-    requests = [grounding.GroundingRequest(key=str(i), caption=CAPTION, phrases=phrases, image=im)
-                for i, im in enumerate(images)]
+    requests = _requests(images)
 
     def cpu_ms(run) -> tuple[object, float]:  # best of two: the machine may be busy
         spent = []
@@ -354,7 +349,7 @@ def cpu_profile(batch_size: int = 16, count: int = 64) -> dict:
         for chunk, selected in zip(chunks, selections, strict=True):
             for (index, text_pass), selection in zip(chunk, selected, strict=True):
                 grounding.result_from_selected([(selection, text_pass.phrase_ids)], plans[index].phrase_targets,
-                                               len(phrases), grounder._box_filter)
+                                               len(CHUNKS), grounder._box_filter)
 
     _, build_ms = cpu_ms(build)
     host_ms = round(plan_ms + resize_ms + build_ms, 2)

@@ -529,7 +529,7 @@ def result_from_selected(
             for selection, phrase_ids in selections
             for r in selection.rows.tolist()
         ]
-        survivors = sorted(merged, key=lambda c: -c.score) if box_filter.nms_iou is None else nms(merged, box_filter.nms_iou)
+        survivors = filter_candidates(merged, box_filter)  # already clamped and above the threshold
         kept = [(c.phrase, (c.score, 0, *c.box.as_tuple())) for c in survivors]
     boxes: list[list[ScoredBox]] = [[] for _ in range(num_phrases)]
     for phrase, (score, _, x1, y1, x2, y2) in kept:

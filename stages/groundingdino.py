@@ -221,8 +221,7 @@ class GroundingDinoGrounder:
 
     def plan(self, request: GroundingRequest) -> PromptPlan:
         """The text passes for one request's phrases."""
-        texts = [request.caption[p.chunk.start : p.chunk.end] for p in request.phrases]
-        return plan_prompts(texts, self._tokenize, self._special_ids, self.max_text_tokens)
+        return self._plan_all([request])[0]
 
     def _plan_all(self, requests: Sequence[GroundingRequest]) -> list[PromptPlan]:
         """`plan` for many requests, with one tokenizer call for all their distinct chunk texts."""
@@ -412,8 +411,7 @@ class GroundingDinoGrounder:
         else:
             for row in range(len(images)):
                 resize_into(row)
-        sizes = torch.tensor(targets, dtype=torch.int64)
-        return buffer, (sizes.pin_memory() if pin else sizes)
+        return buffer, torch.tensor(targets, dtype=torch.int64)  # _to_device pins it
 
     def _pixels_on_device(self, pixels_hwc: Any, sizes: Any) -> tuple[Any, Any]:
         """Normalised (batch, 3, H, W) pixel values and the (batch, H, W) pixel mask, on the pixels' device."""

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from grit_pipeline.model.e2e import E2EConfig, evaluate, held_out_scenes, mean_train_box, train_tiny
+from grit_pipeline.model.e2e import (
+    E2EConfig,
+    evaluate,
+    held_out_scenes,
+    mean_train_box,
+    train_tiny,
+    training_scenes,
+)
 from grit_pipeline.model.scene_shards import write_scene_shards
 from grit_pipeline.records import Box
 from grit_pipeline.synthetic import generate_scenes
@@ -18,7 +25,7 @@ def test_e2e_evaluation_scores_every_held_out_phrase(tmp_path):
     result = train_tiny(config, shards, tmp_path / "run")
     assert result.step == 2 and result.checkpoint
     scenes = held_out_scenes(config)
-    figures = evaluate(result.checkpoint, scenes, mean_train_box(config))
+    figures = evaluate(result.checkpoint, scenes, mean_train_box(training_scenes(config)))
     assert figures["phrases"] == sum(len(scene.objects) for scene in scenes)
     assert sum(group["phrases"] for group in figures["by_shape_count"].values()) == figures["phrases"]
     for protocol in ("phrase_alone", "in_caption", "baseline"):
@@ -30,7 +37,7 @@ def test_baseline_is_the_mean_training_box():
     config = E2EConfig(train_scenes=10, scene_size=64)
     boxes = [o.box.as_tuple() for s in generate_scenes(10, seed=0, size=(64, 64)) for o in s.objects]
     expected = Box(*(sum(column) / len(boxes) for column in zip(*boxes, strict=True)))
-    assert mean_train_box(config).as_tuple() == expected.as_tuple()
+    assert mean_train_box(training_scenes(config)).as_tuple() == expected.as_tuple()
     # held-out scenes are other scenes than the training ones (another seed)
     held_out = [o[1].as_tuple() for s in held_out_scenes(E2EConfig(test_scenes=10, scene_size=64)) for o in s.objects]
     assert not set(held_out) & set(boxes)

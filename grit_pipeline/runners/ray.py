@@ -117,7 +117,7 @@ class StageWorker:
         The conversion to `OutputSample`s happens here, in parallel, not in the driver: they unpickle an
         order of magnitude faster than WorkItems, and the driver's time is taken from the workers' cores.
         """
-        rows = iter(self.process(task))
+        rows = self.process(task)
         header = next(rows)
         items = [item for batch in rows for item in batch]
         return ShardResult(header, [to_output(item) for item in items], grounders_used(items))
