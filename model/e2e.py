@@ -35,7 +35,10 @@ class E2EConfig:
     scene_size: int = 128
     steps: int = 2000
     batch_size: int = 32
-    lr: float = 2e-3
+    # Measured on the 2-core CPU: at 2e-3 the model settled for caption-order priors plus a global pooling
+    # of the image (in-caption mean IoU about 0.2, flat from 1,000 to 2,000 steps); at 5e-4 it learns to
+    # bind each phrase to its own shape between steps 1,000 and 2,000 (about 0.56 to 0.60).
+    lr: float = 5e-4
     warmup_steps: int = 50
     # Plain-caption samples carry no location signal; on a CPU budget every sample is shown grounded
     # (the trainer's default stays unilm's 0.5).
@@ -171,12 +174,17 @@ def evaluate(checkpoint: str, scenes: list[HeldOutScene], baseline: Box) -> dict
     alone = phrase_alone_boxes(generator, scenes)
     in_caption = in_caption_boxes(generator, scenes)
     in_caption_ious = [_iou(b, t) for b, t in zip(in_caption, truths, strict=True)]
+    # The IoU with whichever of the scene's shapes fits the box best: localisation, right shape or not.
+    scene_boxes = [[box for _, box in scene.objects] for scene in scenes for _ in scene.objects]
+    any_shape_ious = [max(_iou(b, t) for t in boxes) for b, boxes in zip(in_caption, scene_boxes, strict=True)]
     baseline_ious = [baseline.iou(t) for t in truths]
     # One shape needs localisation only; two or three also need the phrase bound to the right shape.
     by_shape_count = {
         f"{count}_shapes": {
             "phrases": shapes_in_scene.count(count),
             "in_caption": _summary([v for v, n in zip(in_caption_ious, shapes_in_scene, strict=True) if n == count]),
+            "in_caption_any_shape": _summary(
+                [v for v, n in zip(any_shape_ious, shapes_in_scene, strict=True) if n == count]),
             "baseline": _summary([v for v, n in zip(baseline_ious, shapes_in_scene, strict=True) if n == count]),
         }
         for count in sorted(set(shapes_in_scene))

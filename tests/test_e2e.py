@@ -28,6 +28,9 @@ def test_e2e_evaluation_scores_every_held_out_phrase(tmp_path):
     figures = evaluate(result.checkpoint, scenes, mean_train_box(training_scenes(config)))
     assert figures["phrases"] == sum(len(scene.objects) for scene in scenes)
     assert sum(group["phrases"] for group in figures["by_shape_count"].values()) == figures["phrases"]
+    for group in figures["by_shape_count"].values():
+        # the best-fitting shape of the scene fits at least as well as the named one
+        assert group["in_caption_any_shape"]["mean_iou"] >= group["in_caption"]["mean_iou"]
     for protocol in ("phrase_alone", "in_caption", "baseline"):
         assert 0.0 <= figures[protocol]["mean_iou"] <= 1.0
         assert 0.0 <= figures[protocol]["acc_at_iou_0_5"] <= 1.0
