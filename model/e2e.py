@@ -179,13 +179,15 @@ def evaluate(checkpoint: str, scenes: list[HeldOutScene], baseline: Box) -> dict
     any_shape_ious = [max(_iou(b, t) for t in boxes) for b, boxes in zip(in_caption, scene_boxes, strict=True)]
     baseline_ious = [baseline.iou(t) for t in truths]
     # One shape needs localisation only; two or three also need the phrase bound to the right shape.
+    def in_scenes_of(count: int, ious: list[float]) -> dict[str, float]:
+        return _summary([v for v, n in zip(ious, shapes_in_scene, strict=True) if n == count])
+
     by_shape_count = {
         f"{count}_shapes": {
             "phrases": shapes_in_scene.count(count),
-            "in_caption": _summary([v for v, n in zip(in_caption_ious, shapes_in_scene, strict=True) if n == count]),
-            "in_caption_any_shape": _summary(
-                [v for v, n in zip(any_shape_ious, shapes_in_scene, strict=True) if n == count]),
-            "baseline": _summary([v for v, n in zip(baseline_ious, shapes_in_scene, strict=True) if n == count]),
+            "in_caption": in_scenes_of(count, in_caption_ious),
+            "in_caption_any_shape": in_scenes_of(count, any_shape_ious),
+            "baseline": in_scenes_of(count, baseline_ious),
         }
         for count in sorted(set(shapes_in_scene))
     }
