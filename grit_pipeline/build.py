@@ -170,20 +170,35 @@ class BuildResult:
         return not self.manifest["failed_shards"]
 
 
-def prepare_output(config: BuildConfig, overwrite: bool) -> None:
-    """Refuse an OUT holding another build unless `overwrite`; with it, remove the old build's files."""
+def prepare_output(config: BuildConfig, overwrite: bool, write: bool = True) -> None:
+    """Refuse an OUT holding another build unless `overwrite`; with it, remove the old build's files.
+
+    A build in OUT that finished no shard (it stopped before any: a model that could not load, say) holds
+    nothing to lose and is replaced as with `overwrite`, so the build that follows the fix is not refused.
+    With `write=False` only the refusal is checked, and nothing is created or changed.
+    """
     out = Path(config.out_dir)
     saved = out / CONFIG_FILE
-    ours = [saved, out / MANIFEST_FILE, out / SIZES_FILE]
+    ours = [saved, out / MANIFEST_FILE, out / SHARDS_DIR / SIZES_FILE]
     shards = out / SHARDS_DIR
+    if out.exists() and not out.is_dir():
+        raise OutputInUseError(f"{out} is a file, not a folder; choose another --out")
     if saved.is_file():
-        previous = json.loads(saved.read_text(encoding="utf-8")).get("fingerprint")
-        if previous != config.fingerprint() and not overwrite:
-            raise OutputInUseError(
-                f"{out} holds a build made with a different config (fingerprint {str(previous)[:12]} vs "
-                f"{config.fingerprint()[:12]}); pass --overwrite to replace it, or choose another --out")
+        try:
+            previous = json.loads(saved.read_text(encoding="utf-8")).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            previous = None
+        if previous != config.fingerprint():
+            finished = shards.is_dir() and any(p.name[:1].isdigit() for p in shards.iterdir())
+            if finished and not overwrite:
+                raise OutputInUseError(
+                    f"{out} holds a build made with a different config (fingerprint {str(previous)[:12]} vs "
+                    f"{config.fingerprint()[:12]}); pass --overwrite to replace it, or choose another --out")
+            overwrite = True  # nothing finished: nothing to lose
     elif out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not overwrite:
         raise OutputInUseError(f"{out} is not empty and holds no grit build; pass --overwrite or choose another --out")
+    if not write:
+        return
     if overwrite:
         for path in ours:
             path.unlink(missing_ok=True)
@@ -216,15 +231,41 @@ def output_lock(out: Path) -> Iterator[None]:
 
 
 def run_build(config: BuildConfig, overwrite: bool = False, stream: TextIO = sys.stderr) -> BuildResult:
-    """Build (or resume) the output of `config`; returns the manifest and failures (never raises on a shard)."""
-    with output_lock(Path(config.out_dir)):
-        return _run_build(config, overwrite, stream)
+    """Build (or resume) the output of `config`; returns the manifest and failures (never raises on a shard).
 
+    What can refuse a build is checked before OUT is touched: the inputs are discovered (InputError names
+    the input that cannot be read) and OUT is checked (OutputInUseError), so a refused build leaves OUT as
+    it was. A build that created OUT and raises before any shard is written removes OUT again.
+    """
+    import shutil
 
-def _run_build(config: BuildConfig, overwrite: bool, stream: TextIO) -> BuildResult:
+    from grit_pipeline.inputs import InputError
+
     started = time.time()
+    shards: list[InputShard] = []
+    for raw in config.inputs:  # one input at a time, so that an error names its input
+        try:
+            shards += discover_shards([raw], config.samples_per_shard, config.images_dir)
+        except InputError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{raw}: cannot be read as a build input ({type(exc).__name__}: {exc})") from exc
+    prepare_output(config, overwrite, write=False)
+    out = Path(config.out_dir)
+    created = not out.exists()
+    with output_lock(out):
+        try:
+            return _run_build(config, overwrite, stream, shards, started)
+        except BaseException:
+            folder = out / SHARDS_DIR
+            if created and not (folder.is_dir() and any(p.name[:1].isdigit() for p in folder.iterdir())):
+                shutil.rmtree(out, ignore_errors=True)  # there was no OUT, and no shard was written into it
+            raise
+
+
+def _run_build(config: BuildConfig, overwrite: bool, stream: TextIO, shards: list[InputShard],
+               started: float) -> BuildResult:
     prepare_output(config, overwrite)
-    shards = discover_shards(config.inputs, config.samples_per_shard, config.images_dir)
     folder = Path(config.out_dir) / SHARDS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grit_pipeline.stages.annotations import AnnotationConfig
+from grit_pipeline.stages.frames import FrameConfig
 from grit_pipeline.stages.groundingdino import GroundingConfig
 from grit_pipeline.stages.image import ImageConfig
 from grit_pipeline.stages.serialize import SerializeConfig
@@ -50,6 +51,7 @@ class BuildConfig:
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     annotations: AnnotationConfig = field(default_factory=AnnotationConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    frames: FrameConfig = field(default_factory=FrameConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
@@ -97,7 +99,7 @@ class BuildConfig:
 
 _STAGE_CONFIGS: dict[str, type] = {"text": TextConfig, "serialize": SerializeConfig,
                                    "grounding": GroundingConfig, "annotations": AnnotationConfig,
-                                   "image": ImageConfig}
+                                   "image": ImageConfig, "frames": FrameConfig}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

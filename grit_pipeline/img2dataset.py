@@ -27,6 +27,8 @@ class Img2DatasetSample:
     height: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     error_message: str | None = None
+    original_width: int | None = None
+    original_height: int | None = None
 
 
 def write_img2dataset_folder(shards: Sequence[Sequence[Img2DatasetSample]], folder: str | Path,
@@ -50,7 +52,8 @@ def _write_shard(out: Path, shard_index: int, samples: Sequence[Img2DatasetSampl
             meta = {"url": sample.url, "key": key, "caption": sample.caption,
                     "status": "success" if sample.image is not None else "failed_to_download",
                     "error_message": sample.error_message, "width": sample.width, "height": sample.height,
-                    "original_width": sample.width, "original_height": sample.height, **sample.extra}
+                    "original_width": sample.original_width or sample.width,
+                    "original_height": sample.original_height or sample.height, **sample.extra}
             rows.append(meta)
             if sample.image is None:
                 continue
@@ -62,6 +65,31 @@ def _write_shard(out: Path, shard_index: int, samples: Sequence[Img2DatasetSampl
     successes = sum(1 for s in samples if s.image is not None)
     stats = {"count": len(samples), "successes": successes, "failed_to_download": len(samples) - successes}
     (out / f"{shard_index:05d}_stats.json").write_text(json.dumps(stats))
+
+
+def resize_like_img2dataset(image: Any, mode: str, image_size: int) -> Any:
+    """A PIL image resized as img2dataset's resizer does with `--resize_mode mode --image_size image_size`
+    (resize_only_if_bigger off): albumentations' SmallestMaxSize/LongestMaxSize rounding, CenterCrop with
+    floored offsets, PadIfNeeded with white and the odd pixel bottom/right. EXIF is ignored, as OpenCV's
+    IMREAD_UNCHANGED does; only the geometry is img2dataset's (PIL resamples, not OpenCV)."""
+    from PIL import Image
+
+    width, height = image.size
+    if mode == "no":
+        return image
+    longest = mode in ("keep_ratio_largest", "border")
+    scale = image_size / (max(width, height) if longest else min(width, height))
+    resized = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR)
+    if mode == "center_crop":
+        left, top = (resized.width - image_size) // 2, (resized.height - image_size) // 2
+        return resized.crop((left, top, left + image_size, top + image_size))
+    if mode == "border":
+        canvas = Image.new(resized.mode, (image_size, image_size), (255, 255, 255))
+        canvas.paste(resized, ((image_size - resized.width) // 2, (image_size - resized.height) // 2))
+        return canvas
+    if mode in ("keep_ratio", "keep_ratio_largest"):
+        return resized
+    raise ValueError(f"unknown img2dataset resize mode {mode!r}")
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

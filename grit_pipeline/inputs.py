@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from grit_pipeline.records import DropReason
+from grit_pipeline.stages.frames import DownloadInfo, Size, SourceFrame
 
 CAPTIONS_FILE = "captions.jsonl"
 # A larger member is not read into memory: no real web image is this big.
@@ -56,6 +57,8 @@ class InputSample:
     url: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
     member: str | None = None
+    frame: SourceFrame = field(default_factory=SourceFrame)
+    download: DownloadInfo | None = None
 
     def has_grit_entries(self) -> bool:
         """True when the source already carries GRIT-20M noun_chunks (a GRIT-20M download)."""
@@ -268,8 +271,9 @@ def _sample_from_group(group: _TarGroup, seen: set[str]) -> InputSample:
         image=image,
         image_error=image_error,
         url=meta.get("url") if isinstance(meta.get("url"), str) else None,
-        fields={k: v for k, v in meta.items() if k not in ("key", "caption", "url")},
+        fields=_decoded_entry_columns({k: v for k, v in meta.items() if k not in ("key", "caption", "url")}),
         member=group.key,
+        download=download_info(meta),
     )
     problems = list(group.problems) + ([meta_problem] if meta_problem else [])
     if not is_safe_member_name(group.key):
@@ -281,6 +285,39 @@ def _sample_from_group(group: _TarGroup, seen: set[str]) -> InputSample:
     seen.add(group.key)
     sample.error_message = "; ".join(problems) or None
     return sample
+
+
+def _decoded_entry_columns(fields: dict[str, Any]) -> dict[str, Any]:
+    """noun_chunks/ref_exps given as JSON text parsed to lists (text that is not JSON stays, and is malformed).
+
+    img2dataset 1.25 cannot save list columns (pandas hands it numpy arrays, which its json.dumps rejects, and
+    every sample is lost), so a GRIT-20M download saves them as JSON strings: docs/output-format.md.
+    """
+    for name in ("noun_chunks", "ref_exps"):
+        if isinstance(fields.get(name), str):
+            try:
+                fields[name] = json.loads(fields[name])
+            except ValueError:
+                pass
+    return fields
+
+
+def download_info(meta: dict[str, Any]) -> DownloadInfo | None:
+    """The stored and original sizes img2dataset's .json gives (None when it gives neither)."""
+    stored = size_of(meta.get("width"), meta.get("height"))
+    original = size_of(meta.get("original_width"), meta.get("original_height"))
+    return None if stored is None and original is None else DownloadInfo(stored, original)
+
+
+def size_of(width: Any, height: Any) -> Size | None:
+    """A Size from two positive whole numbers (ints or integral floats), else None."""
+    def whole(value: Any) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value <= 0:
+            return None
+        return int(value) if float(value).is_integer() else None
+
+    w, h = whole(width), whole(height)
+    return Size(w, h) if w is not None and h is not None else None
 
 
 def _json_member(data: bytes | None) -> tuple[dict[str, Any], str | None]:
@@ -361,6 +398,7 @@ def _caption_line_sample(number: int, line: bytes, root: Path) -> InputSample:
         url=entry.get("url") if isinstance(entry.get("url"), str) else None,
         fields={k: v for k, v in entry.items() if k not in ("key", "caption", "url", "image")},
         member=entry.get("image") if isinstance(entry.get("image"), str) else None,
+        frame=SourceFrame(size_of(entry.get("width"), entry.get("height"))),
     )
     sample.image, sample.image_error, sample.error_message = _read_image_file(root, entry.get("image"))
     return sample
@@ -425,11 +463,12 @@ def read_grit_parquet_shard(shard: InputShard) -> ShardContents:
     for location in locations:
         if location is not None:
             wanted.setdefault(location[0], set()).add(location[1])
-    images = {(tar, group.key): _image_of(group.members)[0]
+    images = {(tar, group.key): (_image_of(group.members)[0], download_info(_json_member(group.members.get("json"))[0]))
               for tar, keys in sorted(wanted.items())
               for group in iter_tar_groups(tar, errors, frozenset(keys))}
-    samples = [_grit_row_sample(row, images.get(location) if location else None, shard.images)
-               for row, location in zip(table_rows, locations, strict=True)]
+    found = [images.get(location, (None, None)) if location else (None, None) for location in locations]
+    samples = [_grit_row_sample(row, image, download, shard.images)
+               for row, (image, download) in zip(table_rows, found, strict=True)]
     return ShardContents(samples, errors)
 
 
@@ -460,7 +499,8 @@ def _locate(row: dict[str, Any], index: dict[str, tuple[str, str]]) -> tuple[str
     return None
 
 
-def _grit_row_sample(row: dict[str, Any], image: bytes | None, images: str | None) -> InputSample:
+def _grit_row_sample(row: dict[str, Any], image: bytes | None, download: DownloadInfo | None,
+                     images: str | None) -> InputSample:
     caption = row.get("caption")
     missing = "no image folder found for this parquet" if images is None else "image not found by id or url"
     return InputSample(
@@ -471,4 +511,6 @@ def _grit_row_sample(row: dict[str, Any], image: bytes | None, images: str | Non
         error_message=None if image is not None else missing,
         url=row.get("url") if isinstance(row.get("url"), str) else None,
         fields={k: v for k, v in row.items() if k not in ("key", "caption", "url")},
+        frame=SourceFrame(size_of(row.get("width"), row.get("height"))),
+        download=download,
     )

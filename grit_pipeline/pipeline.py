@@ -1,4 +1,4 @@
-"""What `grit build` runs: the stages decode -> noun chunks -> ground -> expand -> serialise -> write.
+"""What `grit build` runs: the stages decode -> frames -> noun chunks -> ground -> expand -> serialise -> write.
 
 Each stage is a small callable class over a BATCH of `WorkItem`s; it skips items already dropped and
 records a drop reason instead of raising. Where the stages run is the runners' business
@@ -21,7 +21,7 @@ from grit_pipeline.shards import DROPPED, KEPT, OutputSample, sample_key
 
 if TYPE_CHECKING:
     from grit_pipeline.config import BuildConfig
-    from grit_pipeline.stages.grounding import Grounder, GroundingResult
+    from grit_pipeline.stages.grounding import Annotation, Grounder, GroundingResult
     from grit_pipeline.stages.text import Phrase
 
 GROUNDER_ANNOTATIONS = "annotations"
@@ -47,6 +47,7 @@ class WorkItem:
     decoded: Any = None  # grit_pipeline.stages.image.DecodedImage
     phrases: list[Phrase] | None = None
     source_record: GritRecord | None = None
+    annotations: list[Annotation] | None = None
     grounding: GroundingResult | None = None
     record: GritRecord | None = None
     text: str | None = None
@@ -167,6 +168,85 @@ class DecodeStage:
         return items
 
 
+class FrameStage:
+    """Put the boxes that come with the input (GRIT-20M entries, annotations) into the stored pixels' frame.
+
+    Per sample, `stages/frames.py` finds the frame the boxes were given in (EXIF orientation, img2dataset's
+    resize mode) and maps them; a sample whose frame cannot be found is dropped (`frame_mismatch`), a box that
+    center_crop cut away is dropped (`box_cropped_out`). Samples without supplied boxes pass untouched.
+    """
+
+    name = "frames"
+
+    def __init__(self, config: BuildConfig) -> None:
+        self.config = config.frames
+
+    def __call__(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Map the supplied boxes of every live, decoded item into its stored frame."""
+        from grit_pipeline.stages.frames import FrameMismatchError, Size, resolve_frame
+
+        for item in items:
+            supplied = item.sample.fields.get("annotations")
+            if not item.alive or item.decoded is None or (item.source_record is None and supplied is None):
+                continue
+            decoded = item.decoded
+            raw_pixels = decoded.image if decoded.exif_orientation == 1 else None
+            try:
+                frame_map = resolve_frame(item.sample.frame, item.sample.download,
+                                          Size(decoded.raw_width, decoded.raw_height), decoded.exif_orientation,
+                                          self.config, raw_pixels)
+            except FrameMismatchError as exc:
+                item.drop(DropReason.FRAME_MISMATCH, str(exc))
+                continue
+            dropped: Counter[DropReason] = Counter()
+            if item.source_record is not None:
+                item.source_record = map_record_boxes(item.source_record, frame_map, dropped)
+                if not item.source_record.noun_chunks:
+                    item.drop(DropReason.BOX_CROPPED_OUT, "every box lay outside the center_crop")
+            if supplied is not None:
+                item.annotations = map_annotations(supplied, frame_map, dropped)
+            item.set_drops(self.name, dropped)
+        return items
+
+
+def map_record_boxes(record: GritRecord, frame_map: Any, dropped: Counter[DropReason]) -> GritRecord:
+    """The record with every entry's box in the stored frame; entries cropped away (with their ref_exps
+    partner) are counted in `dropped` and removed."""
+    from dataclasses import replace
+
+    from grit_pipeline.records import GroundedSpan
+
+    chunks, expressions = [], []
+    for index, chunk in enumerate(record.noun_chunks):
+        box = frame_map.map_box(chunk.box)
+        if box is None:
+            dropped[DropReason.BOX_CROPPED_OUT] += 1
+            continue
+        chunks.append(GroundedSpan(chunk.span, box, chunk.score))
+        if index < len(record.ref_exps):
+            expression = record.ref_exps[index]
+            expression_box = box if expression.box == chunk.box else frame_map.map_box(expression.box)
+            expressions.append(GroundedSpan(expression.span, expression_box or box, expression.score))
+    return replace(record, noun_chunks=chunks, ref_exps=expressions)
+
+
+def map_annotations(supplied: Any, frame_map: Any, dropped: Counter[DropReason]) -> list[Annotation]:
+    """Parse supplied annotations in the source frame (pixel boxes by its size) and map them to the stored one."""
+    from dataclasses import replace
+
+    from grit_pipeline.stages.annotations import parse_annotations
+
+    size = frame_map.source_size
+    mapped = []
+    for annotation in parse_annotations(supplied, size.width, size.height, dropped):
+        box = frame_map.map_box(annotation.box)
+        if box is None:
+            dropped[DropReason.BOX_CROPPED_OUT] += 1
+        else:
+            mapped.append(replace(annotation, box=box))
+    return mapped
+
+
 class PhraseStage:
     """spaCy noun chunks and referring expressions, for captions the input does not ground already."""
 
@@ -274,17 +354,10 @@ class GroundStage:
 
 def grounding_request(item: WorkItem) -> Any:
     """The grounder's view of an item: caption, phrases, decoded image, supplied annotations, source record."""
-    from grit_pipeline.stages.annotations import parse_annotations, phrases_from_record
+    from grit_pipeline.stages.annotations import phrases_from_record
     from grit_pipeline.stages.grounding import GroundingRequest
 
-    supplied = item.sample.fields.get("annotations")
     decoded = item.decoded
-    annotations = None
-    if supplied is not None:
-        width, height = (decoded.width, decoded.height) if decoded is not None else (None, None)
-        dropped: Counter[DropReason] = Counter()
-        annotations = parse_annotations(supplied, width, height, dropped)
-        item.set_drops("annotations", dropped)
     if item.phrases is not None:
         phrases = item.phrases
     else:
@@ -294,7 +367,7 @@ def grounding_request(item: WorkItem) -> Any:
         caption=item.sample.caption or "",
         phrases=phrases,
         image=decoded.image if decoded is not None else None,
-        annotations=annotations,
+        annotations=item.annotations,
         source_record=item.source_record,
     )
 
@@ -390,7 +463,7 @@ def make_grounder(config: BuildConfig, kind: str) -> Grounder:
 
 def make_stages(config: BuildConfig) -> list[Callable[[list[WorkItem]], list[WorkItem]]]:
     """The stage objects of a build, in order (their models load on first use, once per worker)."""
-    return [DecodeStage(config), PhraseStage(config), GroundStage(config), ExpandStage(config), SerializeStage(config)]
+    return [DecodeStage(config), FrameStage(config), PhraseStage(config), GroundStage(config), ExpandStage(config), SerializeStage(config)]
 
 
 def run_stage(stage: Callable[[list[WorkItem]], list[WorkItem]], items: list[WorkItem]) -> list[WorkItem]:
@@ -441,9 +514,11 @@ def to_output(item: WorkItem) -> OutputSample:
         error_message=item.error_message,
         image=item.decoded.stored_bytes if kept else None,
         text=item.text if kept else None,
-        provenance={"source": item.source, "grounder": sample_provenance(item.grounder)},
+        provenance={"source": item.source, "grounder": str(item.grounder.get("grounder") or "")},
         n_spans=item.n_spans if kept else 0,
         span_drops=item.span_drops,
+        stored_width=item.decoded.width if item.decoded is not None else None,
+        stored_height=item.decoded.height if item.decoded is not None else None,
     )
 
 
@@ -454,16 +529,6 @@ def grounders_used(items: Sequence[WorkItem]) -> dict[str, dict[str, Any]]:
         if item.grounder:
             used.setdefault(str(item.grounder.get("grounder")), item.grounder)
     return used
-
-
-# Grounder description keys about how it ran, not what it computed: kept in the manifest, not in every
-# sample, so that a resumed run with another batch size or device writes the same bytes.
-_RUN_ONLY_KEYS = frozenset({"batch_size", "device", "preprocess_threads", "autocast_dtype", "local_files_only"})
-
-
-def sample_provenance(description: dict[str, Any]) -> dict[str, Any]:
-    """The grounder's identity for KEY.json: kind, model, revision or weights hash, thresholds."""
-    return {k: v for k, v in description.items() if k not in _RUN_ONLY_KEYS}
 
 
 def _dropped_row(item: WorkItem) -> dict[str, Any]:

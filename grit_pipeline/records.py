@@ -31,6 +31,8 @@ class DropReason(str, enum.Enum):
     IMAGE_UNDECODABLE = "image_undecodable"
     IMAGE_TOO_LARGE = "image_too_large"
     IMAGE_TOO_SMALL = "image_too_small"
+    # supplied boxes whose frame the stored pixels cannot be put in (stages/frames.py)
+    FRAME_MISMATCH = "frame_mismatch"
     # single chunks, spans and boxes
     ABSTRACT_NOUN = "abstract_noun"
     REFLEXIVE_PRONOUN = "reflexive_pronoun"
@@ -43,6 +45,7 @@ class DropReason(str, enum.Enum):
     CONTAINED_SPAN = "contained_span"
     CROSSING_SPAN = "crossing_span"
     NO_MATCHING_ANNOTATION = "no_matching_annotation"
+    BOX_CROPPED_OUT = "box_cropped_out"
     # pipeline faults
     STAGE_ERROR = "stage_error"
 

@@ -38,6 +38,8 @@ FAILED = "failed"
 METADATA_SCHEMA = pa.schema(
     list(GRIT20M_SCHEMA)
     + [
+        pa.field("stored_width", pa.int64()),
+        pa.field("stored_height", pa.int64()),
         pa.field("source_key", pa.string()),
         pa.field("status", pa.string()),
         pa.field("drop_reason", pa.string()),
@@ -60,6 +62,14 @@ def sample_key(shard: int, position: int, key_digits: int) -> str:
     return f"{shard * 10**key_digits + position:0{SHARD_NAME_DIGITS + key_digits}d}"
 
 
+UNKNOWN_ID = -1
+UNKNOWN_SIMILARITY = -1.0
+
+
+def _known(value: Any, default: Any) -> Any:
+    return default if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
+
+
 @dataclass(slots=True)
 class OutputSample:
     """One input sample's outcome: kept (image, grounded text, GRIT-20M row) or dropped with a reason."""
@@ -75,6 +85,8 @@ class OutputSample:
     provenance: dict[str, Any] = field(default_factory=dict)
     n_spans: int = 0
     span_drops: Counter[DropReason] = field(default_factory=Counter)
+    stored_width: int | None = None
+    stored_height: int | None = None
 
     @property
     def kept(self) -> bool:
@@ -82,13 +94,39 @@ class OutputSample:
         return self.status == KEPT
 
     def json_member(self) -> dict[str, Any]:
-        """KEY.json: the GRIT-20M fields, the source key, url and provenance."""
-        return {**self.row, "key": self.key, "source_key": self.source_key, "provenance": self.provenance}
+        """KEY.json: the GRIT-20M fields, the stored size, the source key and provenance, in fixed JSON types.
+
+        No value is ever null and every sample has the same keys: readers that infer a schema from the first
+        samples they see (Hugging Face datasets) then read any build, whatever its first shard holds. What a
+        source does not know is `id` -1, `url` "", a CLIP similarity -1.0 (the parquet keeps these as null).
+        """
+        row, source = self.row, self.provenance.get("source") or {}
+        return {
+            "key": self.key,
+            "source_key": self.source_key,
+            "id": _known(row.get("id"), UNKNOWN_ID),
+            "url": row.get("url") or "",
+            "caption": row.get("caption") or "",
+            "width": _known(row.get("width"), self.stored_width),
+            "height": _known(row.get("height"), self.stored_height),
+            "stored_width": self.stored_width,
+            "stored_height": self.stored_height,
+            "noun_chunks": row.get("noun_chunks") or [],
+            "ref_exps": row.get("ref_exps") or [],
+            "clip_similarity_vitb32": float(_known(row.get("clip_similarity_vitb32"), UNKNOWN_SIMILARITY)),
+            "clip_similarity_vitl14": float(_known(row.get("clip_similarity_vitl14"), UNKNOWN_SIMILARITY)),
+            "provenance": {
+                "source": {name: str(source.get(name) or "") for name in ("input", "shard", "member")},
+                "grounder": str(self.provenance.get("grounder") or ""),
+            },
+        }
 
     def metadata_row(self) -> dict[str, Any]:
         """The row of the shard's parquet (every sample, kept or not)."""
         return {
             **{name: self.row.get(name) for name in GRIT20M_SCHEMA.names},
+            "stored_width": self.stored_width,
+            "stored_height": self.stored_height,
             "key": self.key,
             "source_key": self.source_key,
             "status": self.status,
@@ -122,8 +160,15 @@ class ShardPaths:
         return self.folder / f"{shard_name(self.index)}_stats.json"
 
     def is_complete(self) -> bool:
-        """True when the stats file exists (it is written after the tar and the parquet)."""
-        return self.stats.is_file() and self.tar.is_file() and self.parquet.is_file()
+        """True when the stats file exists (it is written after the tar and the parquet) with the files it lists.
+
+        A shard that kept no sample has no tar (an empty tar breaks Hugging Face datasets and hangs open_clip's
+        loader); its stats say so with `files.tar` null.
+        """
+        stats = read_json_file(self.stats)
+        if not isinstance(stats, dict) or not self.parquet.is_file():
+            return False
+        return (stats.get("files") or {}).get("tar") is None or self.tar.is_file()
 
 
 def canonical_json(obj: Any) -> str:
@@ -276,9 +321,11 @@ def write_metadata(path: Path, samples: Sequence[OutputSample]) -> None:
     import pyarrow.parquet as pq
 
     rows = [s.metadata_row() for s in sorted(samples, key=lambda s: s.key)]
-    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        if rows:
+            pq.write_table(pa.Table.from_pylist(rows, schema=METADATA_SCHEMA), tmp, compression="zstd")
+        else:  # no row group at all: a 0-row group makes Hugging Face's parquet builder fail (batch size 0)
+            pq.ParquetWriter(tmp, METADATA_SCHEMA, compression="zstd").close()
 
 
 def file_digest(path: Path) -> tuple[str, int]:
@@ -322,14 +369,18 @@ def write_shard(folder: Path, index: int, samples: Sequence[OutputSample], sourc
     keys = [s.key for s in samples]
     if len(set(keys)) != len(keys):
         raise ValueError(f"shard {index}: duplicate output keys")
-    tar_sha, tar_bytes = write_tar(paths.tar, tar_members(samples))
+    members = tar_members(samples)
+    tar_file = None
+    if members:
+        tar_sha, tar_bytes = write_tar(paths.tar, members)
+        tar_file = {"name": paths.tar.name, "sha256": tar_sha, "bytes": tar_bytes}
+    else:  # nothing kept: no tar at all (readers choke on an empty one)
+        paths.tar.unlink(missing_ok=True)
     write_metadata(paths.parquet, samples)
     parquet_sha, parquet_bytes = file_digest(paths.parquet)
     stats = shard_stats(index, samples, source, read_errors)
-    stats["files"] = {
-        "tar": {"name": paths.tar.name, "sha256": tar_sha, "bytes": tar_bytes},
-        "parquet": {"name": paths.parquet.name, "sha256": parquet_sha, "bytes": parquet_bytes},
-    }
+    stats["files"] = {"tar": tar_file,
+                      "parquet": {"name": paths.parquet.name, "sha256": parquet_sha, "bytes": parquet_bytes}}
     write_bytes_atomic(paths.stats, (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
     return stats
 
@@ -337,10 +388,13 @@ def write_shard(folder: Path, index: int, samples: Sequence[OutputSample], sourc
 def read_stats(folder: Path, index: int) -> dict[str, Any] | None:
     """The stats of a complete shard, None when it is not complete."""
     paths = ShardPaths(folder, index)
-    if not paths.is_complete():
-        return None
+    return read_json_file(paths.stats) if paths.is_complete() else None
+
+
+def read_json_file(path: Path) -> Any:
+    """The parsed JSON of a file; None when it is missing or not JSON."""
     try:
-        return json.loads(paths.stats.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 

@@ -48,6 +48,7 @@ class ShardExpectation:
     failed: str | None = None
     inputs: int | None = None
     parquet_sha256: str | None = None
+    has_tar: bool = True
 
 
 def audit_build(
@@ -55,7 +56,7 @@ def audit_build(
 ) -> AuditReport:
     """Audit a `grit build` output folder; never raises on bad data, every problem becomes a Finding.
 
-    `check_image_size`: compare each image's size with the .json's width/height (None: as the manifest says).
+    `check_image_size`: compare each image's size with the .json's stored_width/stored_height (None: yes).
     """
     out = Path(out_dir)
     report = AuditReport(out_dir=str(out))
@@ -73,6 +74,9 @@ def audit_build(
     seen_keys: dict[str, str] = {}
     for expectation in expectations.values():
         path = out / "shards" / expectation.name
+        if expectation.failed is None and not expectation.has_tar:  # kept nothing: only its parquet to check
+            report.findings += _check_metadata(path.with_suffix(".parquet"), expectation, [])
+            continue
         if expectation.failed is not None or not path.is_file():
             continue
         report.shards_checked += 1
@@ -96,6 +100,7 @@ def shard_expectations(manifest: Mapping[str, Any]) -> dict[str, ShardExpectatio
         name = str(entry.get("tar") or entry.get("name"))
         if not name.endswith(".tar"):
             name += ".tar"
+        complete = entry.get("status", "complete") != "failed"
         counts = entry.get("counts") or {}
         samples = entry.get("samples", counts.get("kept"))
         parquet = entry.get("parquet") or {}
@@ -107,6 +112,7 @@ def shard_expectations(manifest: Mapping[str, Any]) -> dict[str, ShardExpectatio
             failed=entry.get("error") if entry.get("status", "complete") == "failed" else None,
             inputs=counts.get("input"),
             parquet_sha256=parquet.get("sha256") if isinstance(parquet, dict) else None,
+            has_tar=not complete or entry.get("tar") is not None,
         )
     return result
 
@@ -115,9 +121,7 @@ def audit_options(manifest: Mapping[str, Any], *, decode_images: bool = True) ->
     """The serialisation config and image policy the build ran with, read from its manifest."""
     config = manifest.get("config") or {}
     serialize = SerializeConfig.from_dict(config["serialize"]) if "serialize" in config else SerializeConfig()
-    image_policy = config.get("image") or {}
-    stored_original = image_policy.get("store") in ("original", "original_pixels")
-    return AuditOptions(serialize=serialize, check_image_size=stored_original, decode_images=decode_images)
+    return AuditOptions(serialize=serialize, decode_images=decode_images)
 
 
 def _check_shard_set(shards_dir: Path, expectations: Mapping[str, ShardExpectation]) -> list[Finding]:
@@ -131,6 +135,11 @@ def _check_shard_set(shards_dir: Path, expectations: Mapping[str, ShardExpectati
                     Check.SHARD_FAILED, f"the build recorded this shard as failed: {expectation.failed}", name
                 )
             )
+        elif not expectation.has_tar:
+            if name in present:
+                findings.append(Finding(Check.SHARD_EXTRA, "the shard kept nothing, yet a tar is there", name))
+            if not (shards_dir / name.replace(".tar", "_stats.json")).is_file():
+                findings.append(Finding(Check.SHARD_INCOMPLETE, "no _stats.json completion marker", name))
         elif name not in present:
             findings.append(Finding(Check.SHARD_MISSING, "listed in the manifest but not in shards/", name))
         elif not (shards_dir / name.replace(".tar", "_stats.json")).is_file():
@@ -143,14 +152,18 @@ def _check_shard_set(shards_dir: Path, expectations: Mapping[str, ShardExpectati
 
 
 def _check_sizes_json(out: Path, expectations: Mapping[str, ShardExpectation]) -> list[Finding]:
-    """sizes.json (open_clip's convention) must give every complete shard its manifest sample count."""
+    """shards/sizes.json (open_clip reads it next to the tars) gives every tar its manifest sample count and
+    names no other file."""
     try:
-        sizes = json.loads((out / "sizes.json").read_text(encoding="utf-8"))
+        sizes = json.loads((out / "shards" / "sizes.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        return [Finding(Check.SIZES_JSON, f"cannot read sizes.json: {exc}")]
+        return [Finding(Check.SIZES_JSON, f"cannot read shards/sizes.json: {exc}")]
     findings = []
     for name, expectation in expectations.items():
-        if expectation.failed is None and sizes.get(name) != expectation.samples:
+        if expectation.failed is None and not expectation.has_tar:
+            if name in sizes:
+                findings.append(Finding(Check.SIZES_JSON, "sizes.json lists a shard that has no tar", name))
+        elif expectation.failed is None and sizes.get(name) != expectation.samples:
             findings.append(
                 Finding(
                     Check.SIZES_JSON,

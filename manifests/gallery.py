@@ -191,7 +191,9 @@ def shard_table_rows(out: Path, manifest: Mapping[str, Any]) -> list[ShardRow]:
         counts = entry.get("counts") or {}
         tar = str(entry.get("tar") or f"{entry.get('name')}.tar")
         status = str(entry.get("status", "complete"))
-        if status == "complete" and not (out / "shards" / tar).is_file():
+        if status == "complete" and entry.get("tar") is None:
+            status = "complete (kept nothing: no tar)"
+        elif status == "complete" and not (out / "shards" / tar).is_file():
             status = "missing"
         rows.append(ShardRow(tar, status, counts.get("input"), counts.get("kept"), counts.get("spans"),
                              entry.get("bytes"), entry.get("sha256"), dict(entry.get("drop_reasons") or {})))  # fmt: skip

@@ -1,4 +1,4 @@
-"""OUT/manifest.json and OUT/sizes.json of a build, and the reader that `grit audit`/`grit inspect` use.
+"""OUT/manifest.json and OUT/shards/sizes.json of a build, and the reader that `grit audit`/`grit inspect` use.
 
 The manifest is written last, after every shard, from the shards' own stats files: a resumed run writes a
 manifest covering every shard, including those a previous run finished. See docs/output-format.md.
@@ -16,6 +16,7 @@ from typing import Any
 
 from grit_pipeline.io import write_json_atomic
 
+SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.json"
 SIZES_FILE = "sizes.json"
 CONFIG_FILE = "config.json"
@@ -62,12 +63,13 @@ def shard_entry(name: str, stats: Mapping[str, Any] | None, error: str | None = 
     if stats is None:
         return {"name": name, "tar": f"{name}.tar", "status": STATUS_FAILED, "error": error or "not written"}
     files = stats["files"]
+    tar = files.get("tar") or {}  # null when the shard kept nothing: no tar is written
     return {
         "name": name,
-        "tar": files["tar"]["name"],
+        "tar": tar.get("name"),
         "status": STATUS_COMPLETE,
-        "sha256": files["tar"]["sha256"],
-        "bytes": files["tar"]["bytes"],
+        "sha256": tar.get("sha256"),
+        "bytes": tar.get("bytes", 0),
         "samples": stats["kept"],
         "counts": {"input": stats["count"], "kept": stats["kept"], "dropped": stats["dropped"],
                    "spans": stats.get("spans", 0)},
@@ -124,16 +126,40 @@ def build_manifest(
         "inputs": inputs,
         "shards": entries,
         "totals": totals(entries),
+        "webdataset_urls": shard_urls_pattern({"shards": entries}),
         "failed_shards": [{"name": e["name"], "error": e["error"]} for e in entries if e["status"] == STATUS_FAILED],
         "timings": dict(timings),
     }
 
 
+def sizes_json(manifest: Mapping[str, Any]) -> dict[str, int]:
+    """open_clip's sizes.json: tar name -> kept samples, for every complete shard that has a tar."""
+    return {e["tar"]: e["samples"] for e in manifest["shards"] if e["status"] == STATUS_COMPLETE and e.get("tar")}
+
+
+def shard_urls_pattern(manifest: Mapping[str, Any]) -> str | None:
+    """A brace pattern, relative to OUT, naming exactly the build's tars ("shards/{00000..00007}.tar",
+    "shards/{00001,{00003..00005}}.tar" when shards kept nothing), for webdataset, open_clip and `grit train`;
+    None when there is no tar."""
+    numbers = sorted(int(name.removesuffix(".tar")) for name in sizes_json(manifest))
+    if not numbers:
+        return None
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][1] + 1:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    digits = len(next(iter(sizes_json(manifest))).removesuffix(".tar"))
+    parts = [f"{a:0{digits}d}" if a == b else f"{{{a:0{digits}d}..{b:0{digits}d}}}" for a, b in runs]
+    body = parts[0] if len(parts) == 1 else "{" + ",".join(parts) + "}"
+    return f"{SHARDS_DIR}/{body}.tar"
+
+
 def write_manifest(out_dir: str | Path, manifest: Mapping[str, Any]) -> None:
-    """Write sizes.json (open_clip: tar name -> kept samples, complete shards) then manifest.json, atomically."""
+    """Write shards/sizes.json (where open_clip looks: next to the tars) then manifest.json, atomically."""
     out = Path(out_dir)
-    sizes = {e["tar"]: e["samples"] for e in manifest["shards"] if e["status"] == STATUS_COMPLETE}
-    write_json_atomic(out / SIZES_FILE, sizes)
+    write_json_atomic(out / SHARDS_DIR / SIZES_FILE, sizes_json(manifest))
     write_json_atomic(out / MANIFEST_FILE, manifest)
 
 
@@ -160,5 +186,5 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load_sizes(out_dir: str | Path) -> dict[str, int]:
-    """OUT/sizes.json: tar name -> number of samples."""
-    return json.loads((Path(out_dir) / SIZES_FILE).read_text(encoding="utf-8"))
+    """OUT/shards/sizes.json: tar name -> number of samples."""
+    return json.loads((Path(out_dir) / SHARDS_DIR / SIZES_FILE).read_text(encoding="utf-8"))

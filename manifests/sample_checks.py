@@ -34,7 +34,7 @@ class AuditOptions:
     """What the audit needs to know about the build: serialisation, image policy, how deep to check."""
 
     serialize: SerializeConfig = field(default_factory=SerializeConfig)
-    check_image_size: bool = False
+    check_image_size: bool = True
     decode_images: bool = True
 
 
@@ -96,6 +96,10 @@ def audit_sample(shard: str, key: str, files: Mapping[str, bytes], options: Audi
         return [*findings, Finding(Check.SCHEMA, row, shard, key)]
     if row is None:
         return findings
+    nulls = sorted(_null_fields(row))
+    if nulls:
+        findings.append(Finding(Check.SCHEMA, f".json has null in {', '.join(nulls)} (readers that infer a "
+                                              "schema from the first samples break on it)", shard, key))
     if str(row.get("key")) != key:
         findings.append(
             Finding(
@@ -114,6 +118,15 @@ def audit_sample(shard: str, key: str, files: Mapping[str, bytes], options: Audi
     if "jpg" in files and options.decode_images:
         findings += _check_image(shard, key, files["jpg"], row, options)
     return findings
+
+
+def _null_fields(value: Any, path: str = "") -> list[str]:
+    """Dotted paths of the null values inside a parsed .json."""
+    if value is None:
+        return [path or "."]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _null_fields(v, f"{path}.{k}" if path else str(k))]
+    return []
 
 
 def _json_row(data: bytes | None) -> dict[str, Any] | str | None:
@@ -289,12 +302,12 @@ def _check_image(
         return [
             Finding(Check.IMAGE_DECODES, f".jpg does not decode: {type(exc).__name__}: {exc}", shard, key)
         ]
-    recorded = (row.get("width"), row.get("height"))
+    recorded = (row.get("stored_width"), row.get("stored_height"))
     if options.check_image_size and None not in recorded and tuple(size) != recorded:
         return [
             Finding(
                 Check.IMAGE_SIZE,
-                f"image is {size[0]}x{size[1]}, .json says {recorded[0]}x{recorded[1]}",
+                f"image is {size[0]}x{size[1]}, .json says stored {recorded[0]}x{recorded[1]}",
                 shard,
                 key,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,74 @@ if TYPE_CHECKING:
     from PIL import Image
 
 DEFAULT_PROMPT = "<grounding> An image of"
+# What a checkpoint folder holds besides config.json: its weights, and its processor (tokenizer) files.
+_WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json")
+_PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+_CHECKPOINT_FORMS = "a checkpoint folder (RUN/checkpoints/step_N), a run folder or a hub id"
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # NAME or OWNER/NAME; anything else can only be a path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, empty, not cached offline, hub unreachable); raised before
+    any model code runs, with one line that says which and why."""
+
+
+def resolve_checkpoint(checkpoint: str, follow_latest: bool = True) -> str:
+    """The folder `checkpoint` names (a run folder: its latest checkpoint, when `follow_latest`), or the
+    hub id itself once it is known to be loadable; CheckpointError otherwise.
+
+    A hub id (NAME or OWNER/NAME that is not an existing path) is looked up in the hub cache; only when not
+    offline (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE) and not cached is the hub contacted, and a hub that
+    cannot be reached fails within seconds rather than after huggingface_hub's retries.
+    """
+    local = Path(checkpoint).expanduser()
+    if local.exists() or checkpoint.startswith((".", "~")) or not _HUB_ID.fullmatch(checkpoint):
+        return str(_checkpoint_folder(local, follow_latest))
+    return _hub_checkpoint(checkpoint)
+
+
+def _checkpoint_folder(path: Path, follow_latest: bool) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass {_CHECKPOINT_FORMS}")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a file; pass {_CHECKPOINT_FORMS}")
+    if follow_latest and (path / "latest").is_file():
+        name = (path / "latest").read_text(encoding="utf-8", errors="replace").strip()
+        if not name or not (path / "checkpoints" / name).is_dir():
+            raise CheckpointError(f"run folder {str(path)!r}: its 'latest' names checkpoint {name!r}, which is not "
+                                  f"in {str(path / 'checkpoints')!r}")
+        path = path / "checkpoints" / name
+    elif (path / "checkpoints").is_dir() and not any((path / f).is_file() for f in _WEIGHTS_FILES):
+        raise CheckpointError(f"run folder {str(path)!r} has no complete checkpoint yet (no 'latest'); pass "
+                              f"one of its checkpoints/step_N folders")
+    missing = [what for what, names in (("config.json", ("config.json",)), ("model weights", _WEIGHTS_FILES),
+                                        ("tokenizer or processor files", _PROCESSOR_FILES))
+               if not any((path / name).is_file() for name in names)]
+    if missing:
+        raise CheckpointError(f"{str(path)!r} is not a Kosmos-2 checkpoint (no {', no '.join(missing)}); pass "
+                              f"{_CHECKPOINT_FORMS}")
+    return path
+
+
+def _hub_checkpoint(repo: str) -> str:
+    from transformers import AutoConfig
+
+    from grit_pipeline.stages.groundingdino import hub_offline, hub_unreachable
+
+    try:
+        AutoConfig.from_pretrained(repo, local_files_only=True)
+        return repo
+    except (OSError, ValueError) as cached_miss:
+        if hub_offline():
+            raise CheckpointError(f"checkpoint {repo!r} is not a local folder, and no cached copy of it is in the "
+                                  f"hub cache while offline (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE); pass "
+                                  f"{_CHECKPOINT_FORMS}") from cached_miss
+    unreachable = hub_unreachable()
+    if unreachable is not None:
+        raise CheckpointError(f"checkpoint {repo!r} is not a local folder nor in the hub cache, and {unreachable}; "
+                              f"pass {_CHECKPOINT_FORMS}")
+    return repo
 
 
 @dataclass(frozen=True, slots=True)

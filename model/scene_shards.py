@@ -35,7 +35,7 @@ def scene_sample(scene: Scene, quality: int = 90) -> dict[str, Any]:
 
 
 def write_scene_shards(scenes: Sequence[Scene], out_dir: str | Path, per_shard: int = 100) -> Path:
-    """Write scenes as OUT/shards/NNNNN.tar plus OUT/sizes.json; returns the shards folder."""
+    """Write scenes as OUT/shards/NNNNN.tar plus OUT/shards/sizes.json; returns the shards folder."""
     import webdataset as wds
 
     shard_dir = Path(out_dir) / "shards"
@@ -48,5 +48,5 @@ def write_scene_shards(scenes: Sequence[Scene], out_dir: str | Path, per_shard: 
             for scene in chunk:
                 writer.write(scene_sample(scene))
         sizes[name] = len(chunk)
-    write_json_atomic(Path(out_dir) / "sizes.json", sizes)
+    write_json_atomic(Path(out_dir) / "shards" / "sizes.json", sizes)
     return shard_dir

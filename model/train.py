@@ -38,6 +38,11 @@ from grit_pipeline.model.tokenizer import build_processor, build_tokenizer, load
 log = logging.getLogger(__name__)
 
 
+class TrainInputError(ValueError):
+    """A run that cannot start: its shards, --init checkpoint, device or saved config cannot be used. Raised
+    by `check_run` before anything is written, with one line that says which and why."""
+
+
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
     """Everything that defines a training run; saved as RUN/config.json."""
@@ -286,6 +291,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # save/load bars would interleave with the training bar
+    check_run(config)
     dist = setup_distributed(config.device)
     run_dir = Path(config.out)
     if dist.is_main:
@@ -316,6 +322,49 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     finally:
         if dist.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # a live gloo/nccl group aborts the process at exit
+
+
+def check_run(config: TrainConfig) -> None:
+    """TrainInputError, before anything is written, when the run cannot start: no shards (or no captioned
+    sample in them), fewer shards than loader workers, a device torch does not know or lacks, an --init
+    checkpoint that cannot be found, or an --out that is a file."""
+    from grit_pipeline.model.generate import CheckpointError, resolve_checkpoint
+
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        raise TrainInputError(f"--out {config.out} is a file, not a run folder")
+    try:
+        check_device(config.device)
+    except ValueError as exc:
+        raise TrainInputError(str(exc)) from exc
+    if config.init is not None:
+        try:
+            resolve_checkpoint(config.init, follow_latest=False)
+        except CheckpointError as exc:
+            raise TrainInputError(f"--init: {exc}") from exc
+    try:
+        urls, _ = list_shards(config.data.shards)
+    except FileNotFoundError as exc:
+        raise TrainInputError(f"{exc}; pass --shards with a build's shards folder (OUT/shards), one .tar or a "
+                              f"brace pattern") from exc
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    workers = max(1, config.data.num_workers)
+    if not config.data.resampled and len(urls) < world_size * workers:
+        raise TrainInputError(f"{len(urls)} shard(s) cannot feed {world_size} rank(s) x {workers} loader workers; "
+                              f"pass --workers {max(1, len(urls) // world_size)}, more shards, or --resampled")
+    if next(iter(caption_texts(config.data.shards, 1)), None) is None:
+        raise TrainInputError(f"no sample with a caption in {config.data.shards}: not shards written by grit build")
+
+
+def check_device(device: str) -> None:
+    """ValueError unless `device` is "auto" or a torch device this machine has."""
+    if device == "auto":
+        return
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r} is not a torch device (auto, cpu, cuda, cuda:N)") from exc
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; pass --device cpu or auto")
 
 
 def make_stream(config: TrainConfig, processor: Any, model: torch.nn.Module, dist: Dist,
@@ -457,6 +506,10 @@ def _log_step(config: TrainConfig, dist: Dist, run_dir: Path, bar: Any, result: 
 
 
 def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
-    """The saved config of a run, with `overrides` (e.g. steps) applied."""
-    saved = TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
-    return replace(saved, **{k: v for k, v in overrides.items() if v is not None})
+    """The saved config of a run, with `overrides` (e.g. steps) applied; TrainInputError when it cannot be read."""
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = TrainConfig.from_dict(json.loads(path.read_text()))
+        return replace(saved, **{k: v for k, v in overrides.items() if v is not None})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise TrainInputError(f"cannot resume from {path}: not a saved run config ({type(exc).__name__}: {exc})") from exc

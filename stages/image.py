@@ -53,7 +53,8 @@ class ImageConfig:
 
 @dataclass(slots=True)
 class DecodedImage:
-    """An image ready for the detector: RGB pixels, their size, and the bytes to write to the shard."""
+    """An image ready for the detector: RGB pixels (upright), their size, the bytes to write to the shard, and
+    the size of the encoded pixels before their EXIF orientation was applied (`raw_width`, `raw_height`)."""
 
     image: Image.Image
     width: int
@@ -64,7 +65,13 @@ class DecodedImage:
     source_format: str | None = None
     source_mode: str | None = None
     exif_orientation: int = 1
+    raw_width: int = 0
+    raw_height: int = 0
     warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.raw_width or not self.raw_height:  # no orientation applied: the raw frame is the stored one
+            self.raw_width, self.raw_height = self.width, self.height
 
 
 class ImageDecodeError(ValueError):
@@ -111,6 +118,8 @@ def _decode(data: bytes, config: ImageConfig) -> DecodedImage:
         source_format=source_format,
         source_mode=source_mode,
         exif_orientation=orientation,
+        raw_width=image.width,
+        raw_height=image.height,
     )
 
 

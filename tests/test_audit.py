@@ -182,8 +182,8 @@ def test_failed_shard_and_wrong_sizes_json_are_found(built: Path) -> None:
     manifest["shards"][1] = {"name": "00001", "tar": "00001.tar", "status": "failed", "error": "worker died"}
     (built / "manifest.json").write_text(json.dumps(manifest))
     (built / "shards" / "00001.tar").unlink()
-    sizes = json.loads((built / "sizes.json").read_text())
-    (built / "sizes.json").write_text(json.dumps(sizes | {"00000.tar": 99}))
+    sizes = json.loads((built / "shards" / "sizes.json").read_text())
+    (built / "shards" / "sizes.json").write_text(json.dumps(sizes | {"00000.tar": 99}))
     findings = audit_build(built).findings
     assert [(f.check, f.shard) for f in findings] == [(Check.SHARD_FAILED, "00001.tar"), (Check.SIZES_JSON, "00000.tar")]
     assert "worker died" in findings[0].message
@@ -230,12 +230,21 @@ def test_parquet_that_disagrees_with_the_tar_is_found(built: Path) -> None:
     assert len(findings) == 3
 
 
-def test_image_size_is_checked_on_request(built: Path) -> None:
+def test_image_size_is_checked_against_the_stored_size(built: Path) -> None:
     key = _keys(built, "00000")[1]
     _rewrite_sample(built, "00000", key, lambda row: row | {"width": row["width"] + 1})
-    assert audit_build(built).ok  # by default the recorded size may be the original one
-    findings = audit_build(built, check_image_size=True).findings
+    assert audit_build(built).ok  # width/height are the original image's size, which may differ
+    _rewrite_sample(built, "00000", key, lambda row: row | {"stored_width": row["stored_width"] + 1})
+    findings = audit_build(built).findings
     assert [(f.check, f.key) for f in findings] == [(Check.IMAGE_SIZE, key)]
+    assert audit_build(built, check_image_size=False).ok
+
+
+def test_null_in_a_json_is_found(built: Path) -> None:
+    key = _keys(built, "00000")[0]
+    _rewrite_sample(built, "00000", key, lambda row: row | {"id": None})
+    findings = audit_build(built).findings
+    assert [(f.check, f.key) for f in findings] == [(Check.SCHEMA, key)] and "id" in findings[0].message
 
 
 def test_member_names_that_climb_out_or_are_not_files_are_found(built: Path) -> None:
@@ -277,7 +286,8 @@ def test_serialised_records_audit_clean_and_any_edit_of_the_text_is_found(record
     serialized = serialize_record(record)
     assume(serialized.text is not None)
     options = AuditOptions(decode_images=False)
-    files = {"json": json.dumps(record.to_row()).encode(), "txt": serialized.text.encode(), "jpg": b""}
+    row = {k: v for k, v in record.to_row().items() if v is not None}  # KEY.json never holds null
+    files = {"json": json.dumps(row).encode(), "txt": serialized.text.encode(), "jpg": b""}
     assert audit_sample("s.tar", record.key, files, options) == []
     edited = serialized.text.replace("<patch_index_", "<patch_index_1", 1)
     checks = {f.check for f in audit_sample("s.tar", record.key, files | {"txt": edited.encode()}, options)}

@@ -22,9 +22,11 @@ import click
 def audit(out: Path, as_json: bool, no_decode: bool, check_image_size: bool | None, limit: int) -> None:
     """Check every shard of OUT against its manifest and every sample against the invariants.
 
-    Exits 0 when nothing is found, 1 when any check fails.
+    Exits 0 when nothing is found, 1 when any check fails, 2 when OUT holds no grit build at all.
     """
     from grit_pipeline.manifests.audit import audit_build
+
+    _require_build(out)
 
     report = audit_build(out, decode_images=not no_decode, check_image_size=check_image_size)
     if as_json:
@@ -55,6 +57,10 @@ def inspect(out: Path, count: int, html_path: Path | None, png_key: str | None, 
     from grit_pipeline.manifests.gallery import GalleryError, write_gallery
     from grit_pipeline.manifests.sample_png import render_sample_png
 
+    _require_build(out)
+    for target in (html_path, png_out):
+        if target is not None and not target.resolve().parent.is_dir():
+            raise click.ClickException(f"cannot write {target}: folder {target.parent} does not exist")
     try:
         if png_key is not None:
             target = png_out or Path(f"{png_key}.png")
@@ -66,3 +72,13 @@ def inspect(out: Path, count: int, html_path: Path | None, png_key: str | None, 
             click.echo(f"wrote {target} ({shown} samples)")
     except GalleryError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _require_build(out: Path) -> None:
+    """Exit 2 with one line when OUT has neither a manifest.json nor a shards folder: it holds no grit build
+    (a build with a damaged manifest still has its shards, and is audited)."""
+    if not (out / "manifest.json").exists() and not (out / "shards").is_dir():
+        error = click.ClickException(f"{out} holds no grit build (no manifest.json, no shards/); pass the --out "
+                                     f"folder of a grit build")
+        error.exit_code = 2
+        raise error

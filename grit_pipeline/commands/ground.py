@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -86,7 +86,8 @@ def ground(images_dir: Path, captions_jsonl: Path, grounder_kind: str, detector:
 
     Each line: {"image": path relative to IMAGES_DIR, "caption": str, optional "key", "url", "id",
     "annotations"} or a GRIT-20M row with "image" added. Malformed lines, bad images and dropped pairs are
-    reported on stderr with key and reason and skipped. Exit code 2: the detector is unavailable.
+    reported on stderr with key and reason and skipped. Exit code 2: the detector is unavailable; 1: no line
+    of CAPTIONS_JSONL is a caption line, or the spaCy model is missing.
     """
     from grit_pipeline.stages.image import ImageConfig
     from grit_pipeline.stages.text import PhraseExtractor, TextConfig
@@ -95,28 +96,31 @@ def ground(images_dir: Path, captions_jsonl: Path, grounder_kind: str, detector:
     extractor = PhraseExtractor(TextConfig(spacy_model=spacy_model))
     image_config = ImageConfig(max_pixels=max_pixels)
     counts: Counter[str] = Counter()
-    for block in _blocks(_read_lines(captions_jsonl, images_dir, image_config, counts), _LINES_PER_BLOCK):
+    lines: Counter[str] = Counter()
+    for block in _blocks(_read_lines(captions_jsonl, images_dir, image_config, counts, lines), _LINES_PER_BLOCK):
         _ground_block(block, grounder, grounder_kind, extractor, counts)
     _warn("summary: " + json.dumps(dict(sorted(counts.items()))))
+    if lines["read"] and not lines["parsed"]:
+        raise click.ClickException(f"{captions_jsonl}: none of its {lines['read']} line(s) is a JSON object with "
+                                   f"string fields 'image' and 'caption'")
 
 
 def _make_grounder(kind: str, detector: str, box_threshold: float, nms_iou: float | None, batch_size: int,
                    device: str, dtype: str, offline: bool) -> Any:
-    """The grounder, loaded before anything is printed; a missing detector exits with code 2."""
+    """The grounder, loaded before anything is printed; a missing detector exits with code 2, with the same
+    line as `grit build` (both check with `ensure_detector_available` first)."""
     if kind == "annotations":
         from grit_pipeline.stages.annotations import AnnotationConfig, AnnotationGrounder
 
         return AnnotationGrounder(AnnotationConfig(box_threshold=box_threshold, nms_iou=nms_iou))
-    from transformers.utils import logging as hf_logging
-
     from grit_pipeline.stages.grounding import NMS_IOU_DEFAULT
     from grit_pipeline.stages.groundingdino import (
         DetectorUnavailableError,
         GroundingConfig,
         GroundingDinoGrounder,
+        ensure_detector_available,
     )
 
-    hf_logging.disable_progress_bar()
     config = GroundingConfig(
         detector=detector,
         box_threshold=box_threshold,
@@ -127,26 +131,48 @@ def _make_grounder(kind: str, detector: str, box_threshold: float, nms_iou: floa
         local_files_only=offline,
     )
     try:
+        ensure_detector_available(config)  # cheap, and before transformers' model code is imported
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         return GroundingDinoGrounder(config)
     except DetectorUnavailableError as exc:
-        _warn(str(exc))
-        sys.exit(2)
+        detector_unavailable(exc)
 
 
-def _read_lines(path: Path, images_dir: Path, image_config: Any, counts: Counter[str]) -> Iterator[_Pending]:
-    """Parsed lines with decoded images; malformed lines and bad images are reported and skipped."""
+def detector_unavailable(exc: Exception) -> NoReturn:
+    """Exit 2 with the one line every command prints for a detector it cannot find (`grit build` too)."""
+    _warn(str(exc))
+    sys.exit(2)
+
+
+def _read_lines(path: Path, images_dir: Path, image_config: Any, counts: Counter[str],
+               lines: Counter[str]) -> Iterator[_Pending]:
+    """Parsed lines with decoded images; malformed lines and bad images are reported and skipped.
+
+    `lines` counts the non-blank lines read and those that parsed, so that a file none of whose lines is a
+    caption line (not a captions.jsonl at all) can be told from one with a few bad lines.
+    """
     from grit_pipeline.stages.image import ImageDecodeError, read_image_file
 
     root = images_dir.resolve()
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
-            key, obj, error = _parse_line(line, number)
+            lines["read"] += 1
+            try:
+                key, obj, error = _parse_line(raw.decode("utf-8"), number)
+            except UnicodeDecodeError as exc:
+                if lines["read"] == 1:  # a binary file: one line, not one warning per line
+                    raise click.ClickException(f"{path} is not a text file ({exc.reason} in line {number}); "
+                                               f"CAPTIONS_JSONL holds one JSON object a line") from exc
+                key, obj, error = f"{number:09d}", None, "not UTF-8 text"
             if obj is None:
                 counts[DropReason.MALFORMED_RECORD.value] += 1
                 _warn(f"skipped key {key!r} (line {number}): malformed_record: {error}")
                 continue
+            lines["parsed"] += 1
             image_path = (root / obj["image"]).resolve()
             if not image_path.is_relative_to(root):
                 counts[DropReason.MALFORMED_RECORD.value] += 1
@@ -212,23 +238,34 @@ def _ground_block(block: list[_Pending], grounder: Any, kind: str, extractor: An
 
 def _attach_phrases(block: list[_Pending], kind: str, extractor: Any, counts: Counter[str]) -> list[_Pending]:
     """Phrases from the line's own GRIT-20M entries (annotation grounder) or from spaCy; annotations parsed."""
-    from grit_pipeline.stages.annotations import parse_annotations, phrases_from_record
+    from grit_pipeline.pipeline import map_annotations, map_record_boxes
+    from grit_pipeline.stages.annotations import phrases_from_record
+    from grit_pipeline.stages.frames import FrameMismatchError
 
     to_parse: list[_Pending] = []
     for pending in block:
-        if kind == "annotations" and pending.obj.get("noun_chunks"):
+        frame_map = None
+        if kind == "annotations":  # supplied boxes go into the stored pixels' frame first, as in grit build
             try:
-                pending.record = GritRecord.from_row({**pending.obj, "key": pending.key})
+                frame_map = _frame_map(pending)
+            except FrameMismatchError as exc:
+                counts[DropReason.FRAME_MISMATCH.value] += 1
+                _warn(f"skipped key {pending.key!r}: frame_mismatch: {exc}")
+                continue
+        dropped: Counter[DropReason] = Counter()
+        if frame_map is not None and pending.obj.get("noun_chunks"):
+            try:
+                record = GritRecord.from_row({**pending.obj, "key": pending.key})
             except MalformedRecordError as exc:
                 counts[DropReason.MALFORMED_RECORD.value] += 1
                 _warn(f"skipped key {pending.key!r}: malformed_record: {exc}")
                 continue
+            pending.record = map_record_boxes(record, frame_map, dropped)
             pending.phrases = phrases_from_record(pending.record)
         else:
             to_parse.append(pending)
-        if kind == "annotations":
-            dropped: Counter[DropReason] = Counter()
-            pending.annotations = parse_annotations(pending.obj, pending.image.width, pending.image.height, dropped)
+        if frame_map is not None:
+            pending.annotations = map_annotations(pending.obj, frame_map, dropped)
             counts.update(f"annotation_{reason.value}" for reason in dropped.elements())
     try:
         results = extractor([p.obj["caption"] for p in to_parse]) if to_parse else []
@@ -244,12 +281,26 @@ def _attach_phrases(block: list[_Pending], kind: str, extractor: Any, counts: Co
     return block
 
 
+def _frame_map(pending: _Pending) -> Any:
+    """How the line's supplied boxes map into the decoded (upright) image: its width/height tell their frame."""
+    from grit_pipeline.inputs import size_of
+    from grit_pipeline.stages.frames import FrameConfig, Size, SourceFrame, resolve_frame
+
+    image = pending.image
+    return resolve_frame(SourceFrame(size_of(pending.obj.get("width"), pending.obj.get("height"))), None,
+                         Size(image.raw_width, image.raw_height), image.exif_orientation, FrameConfig())
+
+
 def _row(pending: _Pending, result: Any) -> dict[str, Any]:
-    """The GRIT-20M row of a grounded pair; width/height are those of the stored (orientation-corrected) image."""
+    """The GRIT-20M row of a grounded pair, boxes normalised to the stored (upright) image: width/height are
+    the original's (the line's own, else the image's), stored_width/stored_height the stored image's."""
+    from grit_pipeline.inputs import size_of
     from grit_pipeline.stages.assemble import assemble_record
 
     obj = pending.obj
-    meta: dict[str, Any] = {"width": pending.image.width, "height": pending.image.height}
+    original = size_of(obj.get("width"), obj.get("height"))
+    meta: dict[str, Any] = {"width": original.width if original else pending.image.width,
+                            "height": original.height if original else pending.image.height}
     if isinstance(obj.get("url"), str):
         meta["url"] = obj["url"]
     if isinstance(obj.get("id"), int) and not isinstance(obj.get("id"), bool):
@@ -259,7 +310,7 @@ def _row(pending: _Pending, result: Any) -> dict[str, Any]:
             meta[name] = float(obj[name])
     boxes = [[(scored.box, scored.score) for scored in phrase_boxes] for phrase_boxes in result.boxes]
     record = assemble_record(pending.key, obj["caption"], pending.phrases, boxes, **meta)
-    return record.to_row()
+    return {**record.to_row(), "stored_width": pending.image.width, "stored_height": pending.image.height}
 
 
 @click.command("detector")
@@ -273,6 +324,17 @@ def _row(pending: _Pending, result: Any) -> dict[str, Any]:
 def bench_detector(detector: str | None, n_images: int, batch_size: int, device: str, repeats: int,
                    threads: int | None) -> None:
     """Images/s through the grounding stage vs a raw model forward over the same batches (target ratio >= 0.90)."""
+    if detector is not None:
+        from grit_pipeline.stages.groundingdino import (
+            DetectorUnavailableError,
+            GroundingConfig,
+            ensure_detector_available,
+        )
+
+        try:
+            ensure_detector_available(GroundingConfig(detector=detector))
+        except DetectorUnavailableError as exc:
+            detector_unavailable(exc)
     _emit(run_detector_bench(detector=detector, n_images=n_images, batch_size=batch_size, device=device,
                              repeats=repeats, threads=threads))
 

@@ -25,11 +25,34 @@ def _warn(message: str) -> None:
     click.echo(f"grit: {message}", err=True)
 
 
+def _stdin_lines() -> Iterator[str | None]:
+    """stdin's lines, each decoded alone: None for a line that is not UTF-8 (it is skipped, not fatal)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text-only stdin (some test harnesses)
+        yield from sys.stdin
+        return
+    for raw in stream:
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield None
+
+
 def _stdin_json_lines(field: str | None = None) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
-    """(label, object or None, error) per non-blank stdin line; `label` names the line for messages."""
-    for number, line in enumerate(sys.stdin, start=1):
+    """(label, object or None, error) per non-blank stdin line; `label` names the line for messages.
+
+    Binary input (a first line that is not UTF-8) is one error, not a warning for every line.
+    """
+    started = False
+    for number, line in enumerate(_stdin_lines(), start=1):
+        if line is None and not started:
+            raise click.ClickException(f"stdin is not text (line {number} is not UTF-8); give one JSON object a line")
+        if line is None:
+            yield f"line {number}", None, "not UTF-8 text"
+            continue
         if not line.strip():
             continue
+        started = True
         label = f"line {number}"
         try:
             obj = json.loads(line)
@@ -60,14 +83,19 @@ def phrases(captions: tuple[str, ...], spacy_model: str, abstract_nouns: str | N
     """Print noun chunks and referring expressions of CAPTIONS (or of JSON lines with "caption" on stdin).
 
     One JSON line per caption: {"caption", "noun_chunks": [[start, end], ...], "ref_exps": [[start, end], ...]}
-    with character offsets and the GRIT-20M pairing (ref_exps[i] expands noun_chunks[i]).
+    with character offsets and the GRIT-20M pairing (ref_exps[i] expands noun_chunks[i]). Malformed stdin
+    lines are reported and skipped; exit 1 when no line is usable or the spaCy model is missing.
     """
     from grit_pipeline.stages.text import ABSTRACT_NOUNS, PhraseExtractor, TextConfig, load_word_list
 
+    try:
+        words = load_word_list(abstract_nouns) if abstract_nouns else ABSTRACT_NOUNS
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError: not a text file
+        raise click.ClickException(f"--abstract-nouns {abstract_nouns}: {exc}") from exc
     config = TextConfig(
         spacy_model=spacy_model,
         batch_size=batch_size,
-        abstract_nouns=load_word_list(abstract_nouns) if abstract_nouns else ABSTRACT_NOUNS,
+        abstract_nouns=words,
         filter_abstract=filter_abstract,
         filter_non_visual=filter_non_visual,
     )
@@ -80,18 +108,22 @@ def phrases(captions: tuple[str, ...], spacy_model: str, abstract_nouns: str | N
         inputs: list[tuple[dict[str, Any], str]] = [({}, c) for c in captions]
         _print_phrases(extractor, inputs)
         return
-    malformed = 0
+    malformed = parsed = 0
     batch: list[tuple[dict[str, Any], str]] = []
     for label, obj, error in _stdin_json_lines("caption"):
         if obj is None:
             malformed += 1
             _warn(f"skipped {label}: {error}")
             continue
+        parsed += 1
         batch.append(({"key": obj["key"]} if "key" in obj else {}, obj["caption"]))
         if len(batch) >= batch_size:
             _print_phrases(extractor, batch)
             batch = []
     _print_phrases(extractor, batch)
+    if malformed and not parsed:
+        raise click.ClickException(f"none of the {malformed} line(s) on stdin is a JSON object with a string "
+                                   f"field 'caption'")
     if malformed:
         _warn(f"{malformed} malformed line(s) skipped")
 
@@ -129,7 +161,7 @@ def serialize(path: Path | None, token_format: str, mode: str, grid: int, saniti
     """Print Kosmos-2 grounded text for GRIT-20M rows: a parquet PATH, or JSON lines on stdin.
 
     One JSON line per row: {"key", "text": "<grounding>..."}. Malformed or dropped rows are reported on
-    stderr with their key and reason and skipped.
+    stderr with their key and reason and skipped; exit 1 when no row is usable or PATH cannot be read.
     """
     from grit_pipeline.records import GritRecord
     from grit_pipeline.stages.serialize import SerializeConfig, serialize_record
@@ -137,15 +169,19 @@ def serialize(path: Path | None, token_format: str, mode: str, grid: int, saniti
     config = SerializeConfig(format=token_format, mode=mode, grid=grid, sanitize=sanitize)
     rows = _stdin_json_lines() if path is None else _open_parquet(path)
     counts: Counter[str] = Counter()
+    seen = malformed = 0
     for label, row, error in rows:
+        seen += 1
         if row is None:
             counts["malformed_record"] += 1
+            malformed += 1
             _warn(f"skipped {label}: {error}")
             continue
         try:
             record = GritRecord.from_row(row)
         except MalformedRecordError as exc:
             counts["malformed_record"] += 1
+            malformed += 1
             _warn(f"skipped {label}: malformed record: {exc}")
             continue
         result = serialize_record(record, config)
@@ -160,11 +196,16 @@ def serialize(path: Path | None, token_format: str, mode: str, grid: int, saniti
         counts["serialized"] += 1
         _emit({"key": record.key, "text": result.text})
     _warn("summary: " + json.dumps(dict(sorted(counts.items()))))
+    if malformed and malformed == seen:
+        source = "on stdin" if path is None else f"of {path}"
+        raise click.ClickException(f"none of the {seen} row(s) {source} is a GRIT-20M row")
 
 
 def _open_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     import pyarrow as pa
 
+    if path.is_dir():
+        raise click.ClickException(f"cannot read {path}: a folder, not a GRIT-20M parquet file")
     if not path.is_file():
         raise click.ClickException(f"cannot read {path}: no such file")
     try:

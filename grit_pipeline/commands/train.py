@@ -37,24 +37,34 @@ import click
 @click.option("--time-budget", "time_budget_s", type=float, default=None, help="Stop (with a checkpoint) after this many seconds.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint (its saved config; --steps may extend it).")
 def train(**options: object) -> None:
-    """Train Kosmos-2 on built shards; prints a JSON summary."""
+    """Train Kosmos-2 on built shards; prints a JSON summary.
+
+    Shards, --init, --device and a resumed run's config are checked before anything is written: a run that
+    cannot start exits 1 with one line and leaves --out as it was.
+    """
     from grit_pipeline.model.data import DataConfig
-    from grit_pipeline.model.train import TrainConfig, resume_config
+    from grit_pipeline.model.train import TrainConfig, TrainInputError, resume_config
     from grit_pipeline.model.train import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     resume = bool(options.pop("resume"))
     out = str(options["out"])
-    if resume and (Path(out) / "config.json").exists():
-        config = resume_config(out, steps=options["steps"])
-    else:
-        data_fields = ("shards", "batch_size", "num_workers", "shuffle_buffer", "resampled", "grounded_prob",
-                       "span_mode", "max_length", "max_skip_rate", "seed")
-        options["steps"] = options["steps"] or 1000
-        data = DataConfig(**{name: options[name] for name in data_fields})
-        rest = {k: v for k, v in options.items() if k not in data_fields or k == "seed"}
-        config = TrainConfig(data=data, **rest)  # type: ignore[arg-type]
-    result = run_training(config, resume=resume)
+    try:  # ValueError: an option the configs refuse, or (TrainInputError) a saved config that cannot be read
+        if resume and (Path(out) / "config.json").exists():
+            config = resume_config(out, steps=options["steps"])
+        else:
+            data_fields = ("shards", "batch_size", "num_workers", "shuffle_buffer", "resampled", "grounded_prob",
+                           "span_mode", "max_length", "max_skip_rate", "seed")
+            options["steps"] = options["steps"] or 1000
+            data = DataConfig(**{name: options[name] for name in data_fields})
+            rest = {k: v for k, v in options.items() if k not in data_fields or k == "seed"}
+            config = TrainConfig(data=data, **rest)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        result = run_training(config, resume=resume)
+    except TrainInputError as exc:  # raised by check_run, before anything is written
+        raise click.ClickException(str(exc)) from exc
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
     click.echo(json.dumps({"step": result.step, "final_loss": result.losses[-1] if result.losses else None,
@@ -69,16 +79,34 @@ def train(**options: object) -> None:
 @click.option("--png", "png_path", default=None, type=click.Path(dir_okay=False), help="Also draw the boxes into this PNG.")
 @click.option("--device", default="auto", show_default=True)
 def generate(checkpoint: str, image_path: str, prompt: str, max_new_tokens: int, png_path: str | None, device: str) -> None:
-    """Grounded generation: prints text, caption and entities with boxes as JSON."""
+    """Grounded generation: prints text, caption and entities with boxes as JSON.
+
+    The image, --png's folder and the checkpoint are checked before the model loads: a missing or empty
+    checkpoint (or a hub id that is not cached, offline, or whose hub cannot be reached) exits 1 with one line.
+    """
     from PIL import Image
 
-    from grit_pipeline.model.generate import Generator, draw_entities
-    from grit_pipeline.model.train import latest_checkpoint
+    from grit_pipeline.model.generate import Generator, draw_entities, resolve_checkpoint
 
-    folder = Path(checkpoint)
-    if folder.is_dir() and (folder / "latest").exists():
-        folder = latest_checkpoint(folder) or folder
-    generator = Generator(str(folder) if folder.exists() else checkpoint, device=device)
+    try:
+        with Image.open(image_path) as opened:
+            opened.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise click.ClickException(f"cannot read {image_path} as an image: {exc}") from exc
+    if png_path and not Path(png_path).resolve().parent.is_dir():
+        raise click.ClickException(f"--png {png_path}: folder {Path(png_path).parent} does not exist")
+    try:
+        source = resolve_checkpoint(checkpoint)  # CheckpointError: missing, empty, not cached, hub unreachable
+        from grit_pipeline.model.train import check_device  # imports torch: after the cheap checks
+
+        check_device(device)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        generator = Generator(source, device=device)
+    except (OSError, ValueError) as exc:  # found, but transformers cannot load it
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise click.ClickException(f"cannot load checkpoint {source}: {first_line}") from exc
     image_bytes = Path(image_path).read_bytes()
     result = generator.generate(image_bytes, prompt, max_new_tokens)
     if png_path:
@@ -96,6 +124,16 @@ def generate(checkpoint: str, image_path: str, prompt: str, max_new_tokens: int,
 def bench_loader(shards: str | None, samples: int, image_size: int, source_size: int, batch_size: int,
                  repeats: int) -> None:
     """Loader samples/s (decode, tokenize, collate) per worker vs a plain webdataset decode loop."""
+    import tarfile
+
     from grit_pipeline.model.bench import bench_loader as run_bench
 
-    click.echo(json.dumps(run_bench(shards, samples, image_size, source_size, batch_size, repeats), indent=2))
+    try:
+        report = run_bench(shards, samples, image_size, source_size, batch_size, repeats)
+    except FileNotFoundError as exc:  # no shards where --shards says
+        raise click.ClickException(str(exc)) from exc
+    except (OSError, ValueError, tarfile.TarError) as exc:
+        if shards is None:
+            raise  # the synthetic shards written here: not the user's
+        raise click.ClickException(f"cannot read the shards at {shards}: {type(exc).__name__}: {exc}") from exc
+    click.echo(json.dumps(report, indent=2))

@@ -23,6 +23,7 @@ from grit_pipeline.inputs import InputShard
 from grit_pipeline.pipeline import (
     DecodeStage,
     ExpandStage,
+    FrameStage,
     GroundStage,
     PhraseStage,
     SerializeStage,
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from grit_pipeline.build import Progress, ShardSink
 
 _CHEAP_CPU = 0.1
-_STAGES: dict[str, Any] = {"decode": DecodeStage, "phrases": PhraseStage, "ground": GroundStage,
+_STAGES: dict[str, Any] = {"decode": DecodeStage, "frames": FrameStage, "phrases": PhraseStage, "ground": GroundStage,
                            "expand": ExpandStage, "serialize": SerializeStage}
 ALL_STAGES = tuple(_STAGES)
 
@@ -162,7 +163,7 @@ def build_dataset(config: BuildConfig, shards: Sequence[tuple[int, InputShard]])
     ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
     common: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy"}  # one input row = one shard or batch
     actor_cpus = max(_CHEAP_CPU, (cpus - 2 * _CHEAP_CPU) / cpus)  # leave room for the cheap tasks downstream
-    ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("decode", "phrases")), num_cpus=actor_cpus,
+    ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("decode", "frames", "phrases")), num_cpus=actor_cpus,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=cpus), **common)
     ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("ground",)),
                         compute=ray.data.ActorPoolStrategy(size=config.grounder_workers),
