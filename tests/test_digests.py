@@ -21,9 +21,9 @@ from grit_pipeline.synthetic import generate_scenes, write_scene_folder
 
 PINNED: dict[str, str] = {
     "00000.parquet": "cdb4cf5ed118856c",
-    "00000.tar": "3a7b55f0a18a3823",
+    "00000.tar": "fbca6dca4df613c2",
     "00001.parquet": "65141e44f2eaecff",
-    "00001.tar": "7f1531788f222326",
+    "00001.tar": "3164d51e7a0456bc",
     "00002.parquet": "c0102bc0bda62691",
     "00002.tar": "c4402e089b79f61c",
     "00003.parquet": "dff41b7d5d6620b6",
@@ -47,11 +47,12 @@ def test_shard_bytes_of_the_demo_and_test_inputs_are_pinned(tmp_path: Path) -> N
     # KEY.json names its input folder, so the inputs live at one fixed path, not in pytest's numbered folders
     inputs = Path(tempfile.gettempdir()) / f"grit-digest-inputs-{os.getuid()}"
     shutil.rmtree(inputs, ignore_errors=True)
+    photos = shutil.copytree(PHOTOS_DIR, inputs / "photos")  # the checkout's own path would differ
     scenes = generate_scenes(10, seed=3, size=(96, 80))
     synthetic = write_scene_folder(scenes[:6], inputs / "synthetic").parent
     downloads = write_img2dataset_folder([scene_samples(scenes[6:8]), scene_samples(scenes[8:])], inputs / "i2d")
     noisy = write_noisy_folder(inputs / "noisy", seed=1)
-    config = BuildConfig(inputs=(str(PHOTOS_DIR), str(synthetic), str(noisy), str(downloads)),
+    config = BuildConfig(inputs=(str(photos), str(synthetic), str(noisy), str(downloads)),
                          out_dir=str(tmp_path / "out"), grounder="annotations", runner="local", samples_per_shard=4)
     assert run_build(config).ok
     digests = _digests(tmp_path / "out")
