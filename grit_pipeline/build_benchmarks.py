@@ -86,7 +86,8 @@ def write_bench_input(folder: Path, n: int, unique: int = 500, size: int = 64) -
 def stage_rates(config: Any) -> dict[str, float]:
     """Samples/s of each stage run alone, in this process, over the whole input (models loaded beforehand)."""
     from grit_pipeline.inputs import discover_shards
-    from grit_pipeline.pipeline import make_stages, read_shard, to_output
+    from grit_pipeline.stages.stage_list import build_stages
+    from grit_pipeline.work import read_shard, to_output
 
     shards = discover_shards(config.inputs, config.samples_per_shard)
     rates: dict[str, float] = {}
@@ -94,7 +95,7 @@ def stage_rates(config: Any) -> dict[str, float]:
     read = [read_shard(i, s, config.key_digits) for i, s in enumerate(shards)]
     total = sum(len(items) for _, items in read)
     rates["read"] = total / (time.perf_counter() - start)
-    stages = make_stages(config)
+    stages = build_stages(config)
     stages[1].extractor.nlp  # noqa: B018 - load the spaCy pipeline outside the timed region
     for stage in stages:
         start = time.perf_counter()

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grit_pipeline.stages.annotations import AnnotationConfig
+from grit_pipeline.stages.detector_loading import GroundingConfig
 from grit_pipeline.stages.frames import FrameConfig
-from grit_pipeline.stages.groundingdino import GroundingConfig
 from grit_pipeline.stages.image import ImageConfig
 from grit_pipeline.stages.serialize import SerializeConfig
 from grit_pipeline.stages.text import TextConfig

@@ -68,7 +68,7 @@ def _checkpoint_folder(path: Path, follow_latest: bool) -> Path:
 def _hub_checkpoint(repo: str) -> str:
     from transformers import AutoConfig
 
-    from grit_pipeline.stages.groundingdino import hub_offline, hub_unreachable
+    from grit_pipeline.stages.detector_loading import hub_offline, hub_unreachable
 
     try:
         AutoConfig.from_pretrained(repo, local_files_only=True)

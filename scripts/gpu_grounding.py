@@ -241,7 +241,7 @@ def run_batch_size(model, tokenizer, image_processor, grounder, batch_size: int,
 def check_selection(module, grounder, images: list) -> dict:
     """The stage's device-side selection (assignment, threshold, clamping, NMS rounds) on this device's real
     outputs, compared exactly with the reference numpy logic on the same probabilities, and with itself on CPU."""
-    from grit_pipeline.stages import grounding
+    from grit_pipeline.stages import box_selection, grounding
 
     requests = _requests(images)
     plans = grounder._plan_all(requests)
@@ -249,7 +249,7 @@ def check_selection(module, grounder, images: list) -> dict:
     raw = grounder._forward_raw(grounder.prepare_inputs([images[i] for i, _ in chunk], [p.input_ids for _, p in chunk]))
     with torch.inference_mode():
         probs, corners = module._probabilities_and_corners(raw.logits, raw.pred_boxes)
-    columns = grounding.token_phrase_columns([p for _, p in chunk], probs.shape[-1])
+    columns = box_selection.token_phrase_columns([p for _, p in chunk], probs.shape[-1])
     probs_np, corners_np = probs.cpu().numpy(), corners.cpu().numpy()
     report = {"requests": len(chunk)}
     for filter_name, box_filter in (("default", grounder._box_filter),
@@ -262,8 +262,8 @@ def check_selection(module, grounder, images: list) -> dict:
             expected.append(grounding.result_from_candidates(candidates, plans[index].phrase_targets, len(CHUNKS),
                                                              box_filter))
         for where, (p, c) in (("device", (probs, corners)), ("cpu", (probs.cpu(), corners.cpu()))):
-            selected = grounding.select_boxes(p, c, columns, box_filter, [True] * len(chunk))
-            got = [grounding.result_from_selected([(selection, text_pass.phrase_ids)], plans[index].phrase_targets,
+            selected = box_selection.select_boxes(p, c, columns, box_filter, [True] * len(chunk))
+            got = [box_selection.result_from_selected([(selection, text_pass.phrase_ids)], plans[index].phrase_targets,
                                                   len(CHUNKS), box_filter)
                    for (index, text_pass), selection in zip(chunk, selected, strict=True)]
             report[f"{filter_name}_{where}_mismatches"] = sum(
@@ -339,8 +339,8 @@ def cpu_profile(batch_size: int = 16, count: int = 64) -> dict:
         out = []
         for chunk, raw in zip(chunks, raws, strict=True):
             probs, corners = module._probabilities_and_corners(raw.logits, raw.pred_boxes)
-            columns = grounding.token_phrase_columns([p for _, p in chunk], probs.shape[-1])
-            out.append(grounding.select_boxes(probs, corners, columns, grounder._box_filter, [True] * len(chunk)))
+            columns = box_selection.token_phrase_columns([p for _, p in chunk], probs.shape[-1])
+            out.append(box_selection.select_boxes(probs, corners, columns, grounder._box_filter, [True] * len(chunk)))
         return out
 
     selections, select_ms = cpu_ms(select)
@@ -348,7 +348,7 @@ def cpu_profile(batch_size: int = 16, count: int = 64) -> dict:
     def build() -> None:
         for chunk, selected in zip(chunks, selections, strict=True):
             for (index, text_pass), selection in zip(chunk, selected, strict=True):
-                grounding.result_from_selected([(selection, text_pass.phrase_ids)], plans[index].phrase_targets,
+                box_selection.result_from_selected([(selection, text_pass.phrase_ids)], plans[index].phrase_targets,
                                                len(CHUNKS), grounder._box_filter)
 
     _, build_ms = cpu_ms(build)

@@ -27,13 +27,19 @@ in the stored frame (or None when cropping removed too much of it).
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from grit_pipeline.records import Box
+from grit_pipeline.records import Box, DropReason, GritRecord
+from grit_pipeline.stages.base import Resources
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from grit_pipeline.config import BuildConfig
+    from grit_pipeline.stages.grounding import Annotation
+    from grit_pipeline.work import WorkItem
 
 _ROTATING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # Padding img2dataset's `border` mode adds (albumentations PadIfNeeded, value=[255, 255, 255]).
@@ -312,3 +318,84 @@ def has_white_bands(raw_pixels: Image.Image, original: Size) -> bool:
     if values.size == 0:  # nothing padded: border and center_crop place the boxes alike
         return True
     return bool(np.mean(values >= _BAND_WHITE_LEVEL) >= _BAND_WHITE_SHARE)
+
+
+class FrameStage:
+    """Put the boxes that come with the input (GRIT-20M entries, annotations) into the stored pixels' frame.
+
+    Per sample, `stages/frames.py` finds the frame the boxes were given in (EXIF orientation, img2dataset's
+    resize mode) and maps them; a sample whose frame cannot be found is dropped (`frame_mismatch`), a box that
+    center_crop cut away is dropped (`box_cropped_out`). Samples without supplied boxes pass untouched.
+    """
+
+    name = "frames"
+    resources = Resources()
+
+    def __init__(self, config: BuildConfig) -> None:
+        self.config = config.frames
+
+    def setup(self) -> None:
+        """Nothing to load."""
+
+    def __call__(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Map the supplied boxes of every live, decoded item into its stored frame."""
+        for item in items:
+            supplied = item.sample.fields.get("annotations")
+            if not item.alive or item.decoded is None or (item.source_record is None and supplied is None):
+                continue
+            decoded = item.decoded
+            raw_pixels = decoded.image if decoded.exif_orientation == 1 else None
+            try:
+                frame_map = resolve_frame(item.sample.frame, item.sample.download,
+                                          Size(decoded.raw_width, decoded.raw_height), decoded.exif_orientation,
+                                          self.config, raw_pixels)
+            except FrameMismatchError as exc:
+                item.drop(DropReason.FRAME_MISMATCH, str(exc))
+                continue
+            dropped: Counter[DropReason] = Counter()
+            if item.source_record is not None:
+                item.source_record = map_record_boxes(item.source_record, frame_map, dropped)
+                if not item.source_record.noun_chunks:
+                    item.drop(DropReason.BOX_CROPPED_OUT, "every box lay outside the center_crop")
+            if supplied is not None:
+                item.annotations = map_annotations(supplied, frame_map, dropped)
+            item.set_drops(self.name, dropped)
+        return items
+
+
+def map_record_boxes(record: GritRecord, frame_map: FrameMap, dropped: Counter[DropReason]) -> GritRecord:
+    """The record with every entry's box in the stored frame; entries cropped away (with their ref_exps
+    partner) are counted in `dropped` and removed."""
+    from dataclasses import replace
+
+    from grit_pipeline.records import GroundedSpan
+
+    chunks, expressions = [], []
+    for index, chunk in enumerate(record.noun_chunks):
+        box = frame_map.map_box(chunk.box)
+        if box is None:
+            dropped[DropReason.BOX_CROPPED_OUT] += 1
+            continue
+        chunks.append(GroundedSpan(chunk.span, box, chunk.score))
+        if index < len(record.ref_exps):
+            expression = record.ref_exps[index]
+            expression_box = box if expression.box == chunk.box else frame_map.map_box(expression.box)
+            expressions.append(GroundedSpan(expression.span, expression_box or box, expression.score))
+    return replace(record, noun_chunks=chunks, ref_exps=expressions)
+
+
+def map_annotations(supplied: Any, frame_map: FrameMap, dropped: Counter[DropReason]) -> list[Annotation]:
+    """Parse supplied annotations in the source frame (pixel boxes by its size) and map them to the stored one."""
+    from dataclasses import replace
+
+    from grit_pipeline.stages.annotations import parse_annotations
+
+    size = frame_map.source_size
+    mapped = []
+    for annotation in parse_annotations(supplied, size.width, size.height, dropped):
+        box = frame_map.map_box(annotation.box)
+        if box is None:
+            dropped[DropReason.BOX_CROPPED_OUT] += 1
+        else:
+            mapped.append(replace(annotation, box=box))
+    return mapped

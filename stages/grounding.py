@@ -1,4 +1,6 @@
-"""The grounder interface: (image, caption, phrases) in, boxes with scores per phrase out."""
+"""Grounding: the grounder interface ((image, caption, phrases) in, boxes with scores per phrase out), the
+paper's filter as readable reference code (phrase assignment, threshold, class-agnostic NMS), and the
+ground stage, which hands each item to the grounder that fits it."""
 
 from __future__ import annotations
 
@@ -8,11 +10,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from grit_pipeline.records import Box, DropReason, GritRecord
+from grit_pipeline.stages.base import CHEAP_CPUS, Resources, StageSetupError
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from grit_pipeline.config import BuildConfig
     from grit_pipeline.stages.text import Phrase
+    from grit_pipeline.work import WorkItem
+
+GROUNDER_ANNOTATIONS = "annotations"
+GROUNDER_GROUNDING_DINO = "grounding-dino"
+GROUNDERS = (GROUNDER_GROUNDING_DINO, GROUNDER_ANNOTATIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +136,7 @@ def nms(candidates: Sequence[PhraseBox], iou_threshold: float) -> list[PhraseBox
     kept: list[PhraseBox] = []
     block = 512
     for start in range(0, len(order), block):
-        ious = _pairwise_iou(corners[start : start + block], corners)
+        ious = iou_matrix(corners[start : start + block], corners)
         for row in range(ious.shape[0]):
             position = start + row
             if suppressed[position]:
@@ -138,7 +147,7 @@ def nms(candidates: Sequence[PhraseBox], iou_threshold: float) -> list[PhraseBox
     return kept
 
 
-def _pairwise_iou(a: Any, b: Any) -> Any:
+def iou_matrix(a: Any, b: Any) -> Any:
     """IoU of every box in `a` (n, 4) with every box in `b` (m, 4), as an (n, m) array."""
     import numpy as np
 
@@ -246,298 +255,91 @@ def assign_boxes(
     ]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Prompts for GLIP-family detectors: "[CLS] chunk . chunk . [SEP]" within the text-token limit.
-# ---------------------------------------------------------------------------------------------------------
-
-# "." and "?" are the phrase delimiters of GroundingDINO (with [CLS]/[SEP]); inside a chunk they would split it.
-_DELIMITER_CHARS = str.maketrans({".": " ", "?": " "})
-
-
-@dataclass(slots=True)
-class TextPass:
-    """One text input of the model: token ids and, per prompt phrase in it, its token positions."""
-
-    input_ids: list[int]
-    phrase_tokens: list[list[int]] = field(default_factory=list)
-    phrase_ids: list[int] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class PromptPlan:
-    """The text passes for one caption and, per prompt phrase, the request phrases it stands for."""
-
-    passes: list[TextPass]
-    phrase_targets: list[list[int]]
-    truncated_phrases: int = 0
-
-
-def prompt_text(chunk_text: str) -> str:
-    """A chunk as it appears in the prompt: lower-cased, delimiters removed, whitespace collapsed."""
-    return " ".join(chunk_text.translate(_DELIMITER_CHARS).lower().split())
-
-
-def plan_prompts(
-    chunk_texts: Sequence[str], tokenize: Any, special_ids: dict[str, int], max_text_tokens: int
-) -> PromptPlan:
-    """Pack a caption's chunks into "[CLS] chunk . chunk . [SEP]" passes of at most `max_text_tokens`.
-
-    A chunk text repeated in the caption is prompted once and its boxes go to every occurrence. `tokenize`
-    maps a list of strings to lists of token ids (no special tokens).
-    """
-    unique: dict[str, int] = {}
-    targets: list[list[int]] = []
-    for index, text in enumerate(prompt_text(t) for t in chunk_texts):
-        if not text:
-            continue
-        if text not in unique:
-            unique[text] = len(targets)
-            targets.append([])
-        targets[unique[text]].append(index)
-    token_lists = tokenize(list(unique)) if unique else []
-    longest_phrase = max_text_tokens - 3  # [CLS], its ".", [SEP]
-    truncated = sum(len(tokens) > longest_phrase for tokens in token_lists)
-    passes: list[TextPass] = []
-    current = TextPass([special_ids["cls"]])
-    for phrase_id, tokens in enumerate(token_lists):
-        tokens = list(tokens[:longest_phrase])
-        if len(current.input_ids) + len(tokens) + 2 > max_text_tokens:
-            passes.append(_close(current, special_ids))
-            current = TextPass([special_ids["cls"]])
-        start = len(current.input_ids)
-        current.input_ids.extend(tokens)
-        current.input_ids.append(special_ids["dot"])
-        current.phrase_tokens.append(list(range(start, start + len(tokens))))
-        current.phrase_ids.append(phrase_id)
-    if current.phrase_ids:
-        passes.append(_close(current, special_ids))
-    return PromptPlan(passes=passes, phrase_targets=targets, truncated_phrases=truncated)
-
-
-def _close(text_pass: TextPass, special_ids: dict[str, int]) -> TextPass:
-    text_pass.input_ids.append(special_ids["sep"])
-    return text_pass
-
-
 def ungroundable_result(num_phrases: int, reason: DropReason) -> GroundingResult:
     """A result with no box for any phrase, dropped for `reason` (missing image, no phrases, ...)."""
     return GroundingResult(boxes=[[] for _ in range(num_phrases)], drop_reason=reason, dropped=Counter({reason: 1}))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The same assignment and filter, vectorised over a batch of text passes (torch, on the model's device).
-# Tested equal to `assign_boxes` + `result_from_candidates` above, which stay the reference.
-# ---------------------------------------------------------------------------------------------------------
+class GroundStage:
+    """Boxes for every phrase: the configured grounder; records that carry GRIT-20M entries are re-grounded
+    from those entries by the annotation grounder. Grounders load on first use, so a GRIT-20M download
+    never loads the detector."""
+
+    name = "ground"
+
+    def __init__(self, config: BuildConfig) -> None:
+        self.config = config
+        gpus = config.gpus_per_grounder
+        # its own pool of `grounder_workers` actors on Ray; little CPU of its own (the forward is the work)
+        self.resources = Resources(cpus=CHEAP_CPUS, gpus=gpus, workers=config.grounder_workers)
+        self._grounders: dict[str, tuple[Grounder, dict[str, Any]]] = {}
+
+    def setup(self) -> None:
+        """Nothing eager: each grounder loads with its first batch (a GRIT-20M download never loads the
+        detector); a grounder that cannot load raises StageSetupError then."""
+
+    def grounder(self, kind: str) -> tuple[Grounder, dict[str, Any]]:
+        """The grounder of `kind` and its description, loaded once."""
+        if kind not in self._grounders:
+            try:
+                grounder = make_grounder(self.config, kind)
+            except Exception as exc:  # weights missing, offline hub, bad path: no sample could be grounded
+                raise StageSetupError(f"ground: cannot load the {kind} grounder: {exc}") from exc
+            self._grounders[kind] = (grounder, grounder.describe())
+        return self._grounders[kind]
+
+    def __call__(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Ground the live items, the ones with source records through the annotation grounder."""
+        live = [i for i in items if i.alive]
+        from_source = [i for i in live if i.source_record is not None]
+        from_text = [i for i in live if i.source_record is None]
+        if from_text:
+            self._ground(*self.grounder(self.config.grounder), from_text)
+        if from_source:
+            self._ground(*self.grounder(GROUNDER_ANNOTATIONS), from_source)
+        for item in items:
+            item.release_pixels()  # no later stage needs them: the writer takes the stored bytes
+        return items
+
+    def _ground(self, grounder: Grounder, description: dict[str, Any], items: list[WorkItem]) -> None:
+        requests = [grounding_request(item) for item in items]
+        for item, request, result in zip(items, requests, grounder.ground(requests), strict=True):
+            item.grounder = description
+            item.grounding = result
+            item.set_drops(self.name, result.dropped)
+            if item.phrases is None:
+                item.phrases = list(request.phrases)
+            if result.drop_reason is not None:
+                item.drop(result.drop_reason)
 
 
-@dataclass(slots=True)
-class SelectedBoxes:
-    """One text pass's boxes that passed the threshold, on the host, highest score first (ties: query order).
+def grounding_request(item: WorkItem) -> GroundingRequest:
+    """The grounder's view of an item: caption, phrases, decoded image, supplied annotations, source record."""
+    from grit_pipeline.stages.annotations import phrases_from_record
 
-    `rows` is a (n, 6) float64 array of (score, phrase column, x1, y1, x2, y2) with boxes already clamped;
-    `keep` says which survive NMS (all True when NMS is left for later, e.g. across several passes);
-    `degenerate` counts the boxes above the threshold that were dropped for having no area.
-    """
-
-    rows: Any
-    keep: Any
-    degenerate: int
-
-
-def token_phrase_columns(text_passes: Sequence[TextPass], num_tokens: int) -> Any:
-    """(passes, num_tokens) int64 array: each token's phrase column in its pass, or the spare column after the last.
-
-    The spare column (index = the most phrases in any pass) collects [CLS], ".", [SEP] and padding, so
-    their logits never score a phrase.
-    """
-    import numpy as np
-
-    spare = max((len(p.phrase_tokens) for p in text_passes), default=0)
-    columns = np.full((len(text_passes), num_tokens), spare, dtype=np.int64)
-    for row, text_pass in enumerate(text_passes):
-        for column, tokens in enumerate(text_pass.phrase_tokens):
-            columns[row, [t for t in tokens if t < num_tokens]] = column
-    return columns
-
-
-def select_boxes(
-    token_probs: Any, corner_boxes: Any, token_columns: Any, box_filter: BoxFilter, nms_rows: Sequence[bool]
-) -> list[SelectedBoxes]:
-    """`assign_boxes` then `filter_candidates` for a batch of passes at once, with one transfer to the host.
-
-    `token_probs` (passes, queries, tokens) and `corner_boxes` (passes, queries, 4) float32 are torch
-    tensors on any device; `token_columns` comes from `token_phrase_columns`. Rows whose `nms_rows` entry
-    is False skip NMS (their request has other passes: NMS runs once all its boxes are merged).
-    """
-    import torch
-
-    device = token_probs.device
-    columns = torch.as_tensor(token_columns, device=device)
-    passes, queries, tokens = token_probs.shape
-    spare = int(token_columns.max()) if passes else 0  # the spare column's index = the most phrases in a pass
-    if spare == 0:
-        return [SelectedBoxes(rows=_empty_rows(), keep=_empty_rows()[:, 0] > 0, degenerate=0) for _ in range(passes)]
-    index = columns[:, None, :tokens].expand(passes, queries, tokens)
-    # max over each phrase's tokens in one scatter; probabilities are >= 0, so the zero start is harmless
-    scores = token_probs.new_zeros((passes, queries, spare + 1))
-    scores.scatter_reduce_(2, index, token_probs, reduce="amax", include_self=True)
-    best_column = scores[..., :spare].argmax(-1)  # the first maximum: ties go to the earlier phrase
-    best = scores.gather(-1, best_column[..., None]).squeeze(-1)
-    boxes, usable, degenerate = _usable_boxes(corner_boxes.double(), best.double() > box_filter.box_threshold)
-    order = torch.sort(torch.where(usable, best, -1.0), dim=1, descending=True, stable=True).indices
-    counts = usable.sum(1)
-    most = int(counts.max()) if passes else 0  # the one synchronisation before the transfer
-    order = order[:, :most]
-    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
-    usable = usable.gather(1, order)
-    keep = usable.clone()
-    if box_filter.nms_iou is not None and most > 1:
-        rows = torch.tensor([i for i, flag in enumerate(nms_rows) if flag], dtype=torch.long, device=device)
-        if rows.numel():
-            keep[rows] = greedy_nms_keep(boxes[rows], usable[rows], box_filter.nms_iou)
-    packed = torch.cat(
-        (best.double().gather(1, order)[..., None], best_column.gather(1, order)[..., None].double(), boxes,
-         keep[..., None].double()), dim=-1,
-    )
-    host = torch.cat((packed.flatten(), counts.double(), degenerate.sum(1).double())).cpu().numpy()
-    rows_end = passes * most * 7
-    table = host[:rows_end].reshape(passes, most, 7)
-    counts_host = host[rows_end : rows_end + passes].astype(int)
-    degenerate_host = host[rows_end + passes :].astype(int)
-    return [
-        SelectedBoxes(rows=table[row, : counts_host[row], :6], keep=table[row, : counts_host[row], 6] > 0,
-                      degenerate=int(degenerate_host[row]))
-        for row in range(passes)
-    ]
-
-
-def _empty_rows() -> Any:
-    import numpy as np
-
-    return np.zeros((0, 6), dtype=np.float64)
-
-
-def _usable_boxes(corners: Any, passing: Any) -> tuple[Any, Any, Any]:
-    """Boxes as `filter_candidates` uses them: out-of-range ones clamped; (boxes, usable, degenerate) masks.
-
-    Mirrors Box.is_valid / clamped / is_degenerate: a finite box outside [0, 1] is clamped, and a box
-    with no area after that (or a non-finite one) is degenerate. Only boxes above the threshold count.
-    """
-    import torch
-
-    finite = torch.isfinite(corners).all(-1)
-    x1, y1, x2, y2 = corners.unbind(-1)
-    in_range = ((corners >= 0) & (corners <= 1)).all(-1)
-    valid = finite & (x2 > x1) & (y2 > y1) & in_range
-    # "+ 0.0" turns a clamped -0.0 into 0.0, as Python's min(1.0, max(0.0, v)) does
-    boxes = torch.where(valid[..., None], corners, corners.clamp(0.0, 1.0) + 0.0)
-    has_area = finite & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-    return boxes, passing & has_area, passing & ~has_area
-
-
-def pairwise_iou(boxes: Any) -> Any:
-    """(batch, n, n) IoU of every pair of (batch, n, 4) corner boxes, computed as `_pairwise_iou` does."""
-    import torch
-
-    x1, y1, x2, y2 = (v.unsqueeze(2) for v in boxes.unbind(-1))
-    width = (torch.minimum(x2, x2.transpose(1, 2)) - torch.maximum(x1, x1.transpose(1, 2))).clamp_(min=0)
-    height = (torch.minimum(y2, y2.transpose(1, 2)) - torch.maximum(y1, y1.transpose(1, 2))).clamp_(min=0)
-    inter = width.mul_(height)
-    area = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
-    union = area + area.transpose(1, 2) - inter
-    return torch.where(union > 0, inter / union, torch.zeros_like(inter))
-
-
-def greedy_nms_keep(boxes: Any, usable: Any, iou_threshold: float, by_rounds: bool | None = None) -> Any:
-    """Greedy NMS keep-mask for (batch, n, 4) boxes sorted highest score first; exact, no per-box Python loop.
-
-    `usable` (batch, n) marks real candidates (the rest are padding). Greedy NMS keeps box i when no kept
-    box before it overlaps it above the threshold; that rule has one fixed point, reached by iterating
-    it from "keep everything" (box i is settled once the boxes before it are, usually in a few rounds).
-    On the CPU (`by_rounds` None or False), a loop over the suppression matrix's rows is cheaper than
-    repeated matrix passes; on an accelerator the rounds avoid a per-box loop and a per-box transfer.
-    Rows are processed in groups that bound the (n x n) temporaries to about 32 MB each.
-    """
-    import numpy as np
-    import torch
-
-    count = boxes.shape[1]
-    keep = usable.clone()
-    if count < 2:
-        return keep
-    later = torch.ones((count, count), dtype=torch.bool, device=boxes.device).triu_(1)
-    if by_rounds is None:
-        by_rounds = boxes.device.type != "cpu"
-    group = max(1, (4 << 20) // (count * count))
-    for start in range(0, boxes.shape[0], group):
-        part = slice(start, start + group)
-        candidates = usable[part]
-        if not by_rounds:  # numpy's broadcasting is cheaper than torch's on the CPU; same formula, same IoUs
-            corners = boxes[part].cpu().numpy()
-            overlaps = torch.from_numpy(np.stack([_pairwise_iou(c, c) for c in corners]))
-            suppresses = (overlaps > iou_threshold) & later.cpu()
-            suppresses &= candidates[:, :, None].cpu() & candidates[:, None, :].cpu()
-            keep[part] = torch.from_numpy(_greedy_scan(suppresses.numpy(), candidates.cpu().numpy())).to(keep.device)
-            continue
-        suppresses = (pairwise_iou(boxes[part]) > iou_threshold) & later
-        suppresses &= candidates[:, :, None] & candidates[:, None, :]
-        current = candidates
-        for _ in range(count + 1):  # converges long before: the number of rounds is bounded by n
-            following = candidates & ~(suppresses & current[:, :, None]).any(1)
-            if torch.equal(following, current):
-                break
-            current = following
-        keep[part] = current
-    return keep
-
-
-def _greedy_scan(suppresses: Any, candidates: Any) -> Any:
-    """Greedy NMS on a (batch, n, n) boolean suppression matrix, in order; only kept boxes cost an update."""
-    import numpy as np
-
-    keep = np.zeros_like(candidates)
-    for row in range(candidates.shape[0]):
-        removed = ~candidates[row]
-        for box in range(candidates.shape[1]):
-            if not removed[box]:
-                keep[row, box] = True
-                removed |= suppresses[row, box]
-    return keep
-
-
-def result_from_selected(
-    selections: Sequence[tuple[SelectedBoxes, Sequence[int]]],
-    phrase_targets: Sequence[Sequence[int]],
-    num_phrases: int,
-    box_filter: BoxFilter,
-) -> GroundingResult:
-    """A request's result from its passes' selected boxes (as `result_from_candidates` would give it).
-
-    Each selection comes with its pass's `phrase_ids` (column -> prompt phrase). One pass: its NMS verdict
-    is used as it is. Several passes: their boxes are merged in pass order and filtered together.
-    """
-    counts: Counter[DropReason] = Counter()
-    degenerate = sum(selection.degenerate for selection, _ in selections)
-    if degenerate:
-        counts[DropReason.DEGENERATE_BOX] += degenerate
-    if len(selections) == 1:
-        selection, phrase_ids = selections[0]
-        kept = [(phrase_ids[int(r[1])], r) for r in selection.rows[selection.keep].tolist()]
+    decoded = item.decoded
+    if item.phrases is not None:
+        phrases = item.phrases
     else:
-        merged = [
-            PhraseBox(phrase_ids[int(r[1])], Box(r[2], r[3], r[4], r[5]), r[0])
-            for selection, phrase_ids in selections
-            for r in selection.rows.tolist()
-        ]
-        survivors = filter_candidates(merged, box_filter)  # already clamped and above the threshold
-        kept = [(c.phrase, (c.score, 0, *c.box.as_tuple())) for c in survivors]
-    boxes: list[list[ScoredBox]] = [[] for _ in range(num_phrases)]
-    for phrase, (score, _, x1, y1, x2, y2) in kept:
-        scored = ScoredBox(Box(x1, y1, x2, y2), score)
-        for target in phrase_targets[phrase]:
-            boxes[target].append(scored)
-    result = GroundingResult(boxes=boxes, dropped=counts)
-    if not any(boxes):
-        result.drop_reason = DropReason.NO_BOX_ABOVE_THRESHOLD
-        counts[DropReason.NO_BOX_ABOVE_THRESHOLD] += 1
-    return result
+        phrases = phrases_from_record(item.source_record) if item.source_record is not None else []
+    return GroundingRequest(
+        key=item.key,
+        caption=item.sample.caption or "",
+        phrases=phrases,
+        image=decoded.image if decoded is not None else None,
+        annotations=item.annotations,
+        source_record=item.source_record,
+    )
+
+
+def make_grounder(config: BuildConfig, kind: str) -> Grounder:
+    """The grounder named `kind`, loaded once per worker."""
+    if kind == GROUNDER_ANNOTATIONS:
+        from grit_pipeline.stages.annotations import AnnotationGrounder
+
+        return AnnotationGrounder(config.annotations)
+    if kind == GROUNDER_GROUNDING_DINO:
+        from grit_pipeline.stages.groundingdino import GroundingDinoGrounder
+
+        return GroundingDinoGrounder(config.grounding)
+    raise ValueError(f"unknown grounder {kind!r}; expected one of {GROUNDERS}")

@@ -21,9 +21,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from grit_pipeline.records import DropReason
+from grit_pipeline.stages.base import Resources
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from grit_pipeline.config import BuildConfig
+    from grit_pipeline.work import WorkItem
 
 PIL_MAX_IMAGE_PIXELS = 89_478_485
 """PIL's own decompression-bomb warning limit (about 0.25 GB of RGBA); our default pixel limit."""
@@ -239,3 +243,27 @@ def read_image_file(path: str, config: ImageConfig | None = None) -> DecodedImag
     except OSError as exc:
         raise ImageDecodeError(DropReason.IMAGE_MISSING, f"{path}: {exc.strerror or exc}") from exc
     return decode_image(data, config)
+
+
+class DecodeStage:
+    """Decode each image (EXIF orientation, size limits) per the image stage's convention."""
+
+    name = "decode"
+    resources = Resources()
+
+    def __init__(self, config: BuildConfig) -> None:
+        self.config = config.image
+
+    def setup(self) -> None:
+        """Nothing to load."""
+
+    def __call__(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Decode the images of the live items; undecodable ones are dropped with the decoder's reason."""
+        for item in items:
+            if not item.alive or item.sample.image is None:
+                continue
+            try:
+                item.decoded = decode_image(item.sample.image, self.config)
+            except ImageDecodeError as exc:
+                item.drop(exc.reason, str(exc))
+        return items

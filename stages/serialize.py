@@ -19,9 +19,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from math import ceil, floor, isfinite
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from grit_pipeline.records import GRID_DEFAULT, Box, DropReason, GritRecord, GroundedSpan, Span
+from grit_pipeline.stages.base import CHEAP_CPUS, Resources
+
+if TYPE_CHECKING:
+    from grit_pipeline.config import BuildConfig
+    from grit_pipeline.work import WorkItem
 
 
 class TokenFormat(str, enum.Enum):
@@ -320,3 +325,30 @@ def _parse_paper(text: str, grid: int) -> tuple[str, list[ParsedEntity]]:
     lead = len(clean) - len(clean.lstrip())
     shifted = [ParsedEntity(Span(e.span.start - lead, e.span.end - lead), e.text, e.boxes) for e in entities]
     return clean.strip(), shifted
+
+
+class SerializeStage:
+    """Grounded text with Kosmos-2 location tokens (transformers spelling by default)."""
+
+    name = "serialize"
+    resources = Resources(cpus=CHEAP_CPUS)
+
+    def __init__(self, config: BuildConfig) -> None:
+        self.config = config.serialize
+
+    def setup(self) -> None:
+        """Nothing to load."""
+
+    def __call__(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Serialise every live record; a record with no serialisable span is dropped."""
+        for item in items:
+            if not item.alive or item.record is None:
+                continue
+            result = serialize_record(item.record, self.config)
+            item.set_drops(self.name, result.dropped)
+            if result.text is None:
+                item.drop(result.drop_reason or DropReason.NO_SPAN_SERIALISED)
+            else:
+                item.text = result.text
+                item.n_spans = len(result.entities)
+        return items

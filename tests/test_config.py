@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from grit_pipeline.config import BuildConfig
-from grit_pipeline.stages.groundingdino import GroundingConfig
+from grit_pipeline.stages.detector_loading import GroundingConfig
 
 
 def _config(**options) -> BuildConfig:

@@ -13,15 +13,14 @@ from PIL import Image
 
 from grit_pipeline.cli import main
 from grit_pipeline.records import DropReason, GritRecord, Span
-from grit_pipeline.stages.grounding import GroundingRequest
-from grit_pipeline.stages.groundingdino import (
+from grit_pipeline.stages.detector_loading import (
     DetectorUnavailableError,
     GroundingConfig,
-    GroundingDinoGrounder,
     ensure_detector_available,
-    is_standard_processor,
     load_detector,
 )
+from grit_pipeline.stages.grounding import GroundingRequest
+from grit_pipeline.stages.groundingdino import GroundingDinoGrounder, is_standard_processor
 from grit_pipeline.stages.text import Phrase
 from grit_pipeline.testing import build_tiny_grounding_dino
 

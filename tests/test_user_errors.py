@@ -257,7 +257,7 @@ def test_commands_say_the_same_about_a_missing_detector(outcomes: dict[str, Outc
 
 def test_offline_never_touches_the_network(monkeypatch, tmp_path) -> None:
     from grit_pipeline.model.generate import CheckpointError, resolve_checkpoint
-    from grit_pipeline.stages.groundingdino import (
+    from grit_pipeline.stages.detector_loading import (
         DetectorUnavailableError,
         GroundingConfig,
         ensure_detector_available,
@@ -277,7 +277,7 @@ def test_offline_never_touches_the_network(monkeypatch, tmp_path) -> None:
 
 
 def test_the_hub_probe_honours_hf_endpoint(monkeypatch) -> None:
-    from grit_pipeline.stages.groundingdino import hub_unreachable
+    from grit_pipeline.stages.detector_loading import hub_unreachable
 
     for name in _PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)

@@ -87,7 +87,7 @@ def _require_detector(config: Any) -> None:
     if config.grounder != "grounding-dino" or all(str(p).endswith(".parquet") for p in config.inputs):
         return  # GRIT-20M parquet rows carry their boxes: the detector is never loaded for them
     from grit_pipeline.commands.ground import detector_unavailable
-    from grit_pipeline.stages.groundingdino import DetectorUnavailableError, ensure_detector_available
+    from grit_pipeline.stages.detector_loading import DetectorUnavailableError, ensure_detector_available
 
     try:
         ensure_detector_available(config.grounding)
@@ -141,8 +141,8 @@ def make_config(inputs: tuple[str, ...], out_dir: str, *, grounder: str, detecto
     """A validated BuildConfig from the command-line options (None means the stage's default)."""
     from grit_pipeline.config import BuildConfig
     from grit_pipeline.stages.annotations import AnnotationConfig
+    from grit_pipeline.stages.detector_loading import GroundingConfig
     from grit_pipeline.stages.frames import FrameConfig
-    from grit_pipeline.stages.groundingdino import GroundingConfig
     from grit_pipeline.stages.serialize import SerializeConfig
     from grit_pipeline.stages.text import TextConfig
 

@@ -113,13 +113,13 @@ def _make_grounder(kind: str, detector: str, box_threshold: float, nms_iou: floa
         from grit_pipeline.stages.annotations import AnnotationConfig, AnnotationGrounder
 
         return AnnotationGrounder(AnnotationConfig(box_threshold=box_threshold, nms_iou=nms_iou))
-    from grit_pipeline.stages.grounding import NMS_IOU_DEFAULT
-    from grit_pipeline.stages.groundingdino import (
+    from grit_pipeline.stages.detector_loading import (
         DetectorUnavailableError,
         GroundingConfig,
-        GroundingDinoGrounder,
         ensure_detector_available,
     )
+    from grit_pipeline.stages.grounding import NMS_IOU_DEFAULT
+    from grit_pipeline.stages.groundingdino import GroundingDinoGrounder
 
     config = GroundingConfig(
         detector=detector,
@@ -238,9 +238,8 @@ def _ground_block(block: list[_Pending], grounder: Any, kind: str, extractor: An
 
 def _attach_phrases(block: list[_Pending], kind: str, extractor: Any, counts: Counter[str]) -> list[_Pending]:
     """Phrases from the line's own GRIT-20M entries (annotation grounder) or from spaCy; annotations parsed."""
-    from grit_pipeline.pipeline import map_annotations, map_record_boxes
     from grit_pipeline.stages.annotations import phrases_from_record
-    from grit_pipeline.stages.frames import FrameMismatchError
+    from grit_pipeline.stages.frames import FrameMismatchError, map_annotations, map_record_boxes
 
     to_parse: list[_Pending] = []
     for pending in block:
@@ -325,7 +324,7 @@ def bench_detector(detector: str | None, n_images: int, batch_size: int, device:
                    threads: int | None) -> None:
     """Images/s through the grounding stage vs a raw model forward over the same batches (target ratio >= 0.90)."""
     if detector is not None:
-        from grit_pipeline.stages.groundingdino import (
+        from grit_pipeline.stages.detector_loading import (
             DetectorUnavailableError,
             GroundingConfig,
             ensure_detector_available,
@@ -394,7 +393,8 @@ def run_detector_bench(detector: str | None, n_images: int, batch_size: int, dev
     import torch
     from transformers.utils import logging as hf_logging
 
-    from grit_pipeline.stages.groundingdino import GroundingConfig, GroundingDinoGrounder
+    from grit_pipeline.stages.detector_loading import GroundingConfig
+    from grit_pipeline.stages.groundingdino import GroundingDinoGrounder
     from grit_pipeline.testing import build_tiny_grounding_dino
 
     hf_logging.disable_progress_bar()

@@ -1,25 +1,29 @@
-"""The local runner: every stage in this process, shard after shard (debugging and small jobs)."""
+"""The local runner: the stage list in this process, shard after shard (debugging and small jobs)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from grit_pipeline.inputs import InputShard
-from grit_pipeline.pipeline import StageSetupError, make_stages, read_shard, run_stage, shard_batches
+from grit_pipeline.stages.base import StageSetupError, run_stage
+from grit_pipeline.work import read_shard, shard_batches
 
 if TYPE_CHECKING:
-    from grit_pipeline.build import Progress, ShardSink
     from grit_pipeline.config import BuildConfig
+    from grit_pipeline.inputs import InputShard
+    from grit_pipeline.runners.base import Progress, ShardSink
+    from grit_pipeline.stages.base import Stage
 
 
-def run_local(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sink: ShardSink,
-              progress: Progress) -> None:
+def run_local(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[tuple[int, InputShard]],
+              sink: ShardSink, progress: Progress) -> None:
     """Read, process and write each pending shard in turn; a shard that raises is recorded as failed."""
-    stages = make_stages(config)
     for number, (index, shard) in enumerate(shards):
         sink.begin(index)
         try:
+            if number == 0:
+                for stage in stages:
+                    stage.setup()
             header, items = read_shard(index, shard, config.key_digits)
             for batch in shard_batches(items, config.batch_size):
                 for stage in stages:

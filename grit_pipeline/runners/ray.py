@@ -1,9 +1,12 @@
-"""The Ray runner: the same stages in Ray actors, whole shards read by the workers, written by the driver.
+"""The Ray runner: the stage list it is given, in Ray actors, whole shards read by the workers, written by the
+driver.
 
 `ray.init()` starts an embedded local cluster unless `--ray-address` (or RAY_ADDRESS) names one to attach
-to. Without a GPU grounder, every stage (reading included) runs in one pool of plain Ray actors, one per
-core, each taking whole shards (`run_actor_pool`); with one, a Ray Data pipeline feeds GPU grounder actors
-from CPU actors that read and run decode and spaCy (`run_dataset`). Either way models load once per
+to. The pools come from the stages' declared resources, never from their names (`stage_pools`): consecutive
+stages that declare the same resources share a pool. When no stage asks for a GPU, every stage (reading
+included) runs in one pool of plain Ray actors, one per core, each taking whole shards (`run_actor_pool`);
+otherwise a Ray Data pipeline chains the pools (`run_dataset`): the first reads its shards itself, a pool
+with a fixed number of workers (the grounder) gets exactly that many actors, the rest run as tasks. Either way models load once per
 worker, the image bytes travel from the worker that reads them to the driver and nowhere else, and the
 driver writes every output shard, so OUT is written by one process. A dead actor is restarted and its
 work retried by Ray; a shard that still fails is recorded as failed and the rest of the run's output stands.
@@ -20,31 +23,33 @@ from typing import TYPE_CHECKING, Any
 
 from grit_pipeline.config import BuildConfig
 from grit_pipeline.inputs import InputShard
-from grit_pipeline.pipeline import (
-    DecodeStage,
-    ExpandStage,
-    FrameStage,
-    GroundStage,
-    PhraseStage,
-    SerializeStage,
-    ShardHeader,
-    StageSetupError,
-    WorkItem,
-    grounders_used,
-    read_shard,
-    run_stage,
-    shard_batches,
-    to_output,
-)
 from grit_pipeline.shards import OutputSample
+from grit_pipeline.stages.base import Resources, Stage, StageSetupError, run_stage
+from grit_pipeline.work import ShardHeader, WorkItem, grounders_used, read_shard, shard_batches, to_output
 
 if TYPE_CHECKING:
-    from grit_pipeline.build import Progress, ShardSink
+    from grit_pipeline.runners.base import Progress, ShardSink
 
-_CHEAP_CPU = 0.1
-_STAGES: dict[str, Any] = {"decode": DecodeStage, "frames": FrameStage, "phrases": PhraseStage, "ground": GroundStage,
-                           "expand": ExpandStage, "serialize": SerializeStage}
-ALL_STAGES = tuple(_STAGES)
+_FEEDER_CPU_MARGIN = 0.1  # CPU share left free per pool that follows the first, for its tasks
+
+
+@dataclass(frozen=True, slots=True)
+class StagePool:
+    """Consecutive stages that declare the same resources, run by the same workers."""
+
+    indices: tuple[int, ...]
+    resources: Resources
+
+
+def stage_pools(stages: Sequence[Stage]) -> list[StagePool]:
+    """The stage list cut where the declared resources change."""
+    pools: list[StagePool] = []
+    for index, stage in enumerate(stages):
+        if pools and pools[-1].resources == stage.resources:
+            pools[-1] = StagePool((*pools[-1].indices, index), stage.resources)
+        else:
+            pools.append(StagePool((index,), stage.resources))
+    return pools
 
 
 def init_ray(address: str | None) -> None:
@@ -78,18 +83,18 @@ class ShardResult:
 
 
 class StageWorker:
-    """Runs named pipeline stages: a plain Ray actor (`shard`) or a Ray Data callable class (`__call__`).
+    """Runs some stages of the list: a plain Ray actor (`shard`) or a Ray Data callable class (`__call__`).
 
     A shard is cut into the batches every runner makes (`shard_batches`), one row each, so a stage whose
     output depends on its batch-mates (a detector's padding) computes what the local runner computes.
     """
 
-    def __init__(self, config: dict[str, Any], names: Sequence[str]) -> None:
-        built = BuildConfig.from_dict(config)
-        self.key_digits = built.key_digits
-        self.batch_size = built.batch_size
-        self.stages = [_STAGES[name](built) for name in names]
-        self.releases_pixels = any(isinstance(stage, GroundStage) for stage in self.stages)
+    def __init__(self, stages: Sequence[Stage], indices: Sequence[int], key_digits: int, batch_size: int) -> None:
+        self.key_digits = key_digits
+        self.batch_size = batch_size
+        self.stages = [stages[index] for index in indices]
+        for stage in self.stages:
+            stage.setup()
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Each input row's output rows: a read shard's header then its processed batches; headers pass through.
@@ -124,12 +129,9 @@ class StageWorker:
         return ShardResult(header, [to_output(item) for item in items], grounders_used(items))
 
     def run(self, items: list[WorkItem]) -> list[WorkItem]:
-        """The stages, in order, on one pipeline batch."""
+        """The worker's stages, in order, on one pipeline batch."""
         for stage in self.stages:
             run_stage(stage, items)
-        if self.releases_pixels:
-            for item in items:
-                item.release_pixels()  # later stages and the writer need the stored bytes, not the pixels
         return items
 
 
@@ -142,34 +144,45 @@ def _rows(rows: Sequence[Any]) -> dict[str, Any]:
     return {"item": column}
 
 
-def run_stages_task(batch: dict[str, Any], config: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
-    """Ray map_batches task for the cheap stateless stages (expand, serialise)."""
-    worker = StageWorker(config, names)
+def run_stages_task(batch: dict[str, Any], stages: Sequence[Stage], indices: Sequence[int]) -> dict[str, Any]:
+    """Ray map_batches task for a pool of stages that loads no model and keeps no state between batches."""
+    worker = StageWorker(stages, indices, key_digits=0, batch_size=1)  # never reads: rows are batches
     return _rows([out for value in batch["item"] for out in worker.process(pickle.loads(value))])
 
 
-def build_dataset(config: BuildConfig, shards: Sequence[tuple[int, InputShard]]) -> Any:
-    """The Ray Data pipeline over the pending shards, for a GPU grounder.
+def build_dataset(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[tuple[int, InputShard]]) -> Any:
+    """The Ray Data pipeline over the pending shards: one operator per stage pool.
 
-    CPU actors (read, decode, spaCy) -> GPU actors (ground) -> CPU tasks (expand, serialise), so the
-    detector is fed by as many CPU workers as the machine has. The first pool reads each shard itself, so
-    the image bytes make one Ray hop fewer than with separate read tasks.
+    The first pool reads each shard itself (the image bytes make one Ray hop fewer than with separate read
+    tasks), in actors sized to the cluster's CPUs; a pool that declares a number of workers (the grounder:
+    `--grounder-workers`, each with `--gpus-per-grounder`) gets exactly that many actors; the others run as
+    tasks.
     """
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    config_dict = config.to_dict()
+    pools = stage_pools(stages)
     tasks = [{"item": pickle.dumps(ShardTask(index, shard))} for index, shard in shards]
     ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
     common: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy"}  # one input row = one shard or batch
-    actor_cpus = max(_CHEAP_CPU, (cpus - 2 * _CHEAP_CPU) / cpus)  # leave room for the cheap tasks downstream
-    ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("decode", "frames", "phrases")), num_cpus=actor_cpus,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=cpus), **common)
-    ds = ds.map_batches(StageWorker, fn_constructor_args=(config_dict, ("ground",)),
-                        compute=ray.data.ActorPoolStrategy(size=config.grounder_workers),
-                        num_gpus=config.gpus_per_grounder, num_cpus=_CHEAP_CPU, **common)
-    return ds.map_batches(run_stages_task, fn_kwargs={"config": config_dict, "names": ("expand", "serialize")},
-                          num_cpus=_CHEAP_CPU, **common)
+    for number, pool in enumerate(pools):
+        resources = pool.resources
+        if number == 0:  # leave room for the other pools' tasks
+            actor_cpus = max(_FEEDER_CPU_MARGIN, (cpus - (len(pools) - 1) * _FEEDER_CPU_MARGIN) / cpus)
+            ds = ds.map_batches(StageWorker, fn_constructor_args=(stages, pool.indices, config.key_digits,
+                                                                  config.batch_size),
+                                num_cpus=min(resources.cpus, actor_cpus), num_gpus=resources.gpus,
+                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=cpus),
+                                **common)
+        elif resources.workers is not None:
+            ds = ds.map_batches(StageWorker, fn_constructor_args=(stages, pool.indices, config.key_digits,
+                                                                  config.batch_size),
+                                compute=ray.data.ActorPoolStrategy(size=resources.workers),
+                                num_gpus=resources.gpus, num_cpus=resources.cpus, **common)
+        else:
+            ds = ds.map_batches(run_stages_task, fn_kwargs={"stages": stages, "indices": pool.indices},
+                                num_cpus=resources.cpus, num_gpus=resources.gpus, **common)
+    return ds
 
 
 def iter_results(ds: Any) -> Iterator[ShardHeader | list[WorkItem]]:
@@ -196,19 +209,20 @@ def error_message(exc: BaseException) -> str:
     return f"ray: {type(exc).__name__}: {(errors or lines or [''])[-1]}"[:500]
 
 
-def run_ray(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sink: ShardSink,
-            progress: Progress) -> None:
+def run_ray(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[tuple[int, InputShard]],
+            sink: ShardSink, progress: Progress) -> None:
     """Run the pending shards on Ray; complete shards are written as soon as their last sample arrives.
 
-    `ray_engine="data"` (and "auto" with a GPU grounder): the stages form a Ray Data pipeline, the grounder
-    in its own actor pool (`run_dataset`); `"actors"` (and "auto" without a GPU grounder): every stage runs
-    in one pool of plain Ray actors, one per core (`run_actor_pool`).
+    `ray_engine="data"` (and "auto" when a stage declares GPUs): the stage pools form a Ray Data pipeline
+    (`run_dataset`); `"actors"` (and "auto" otherwise): every stage runs in one pool of plain Ray actors,
+    one per core (`run_actor_pool`).
     """
     init_ray(config.ray_address)
-    if config.ray_engine == "data" or (config.ray_engine == "auto" and config.gpus_per_grounder):
-        run_dataset(config, shards, sink, progress)
+    wants_gpus = any(stage.resources.gpus for stage in stages)
+    if config.ray_engine == "data" or (config.ray_engine == "auto" and wants_gpus):
+        run_dataset(config, stages, shards, sink, progress)
     else:
-        run_actor_pool(config, shards, sink, progress)
+        run_actor_pool(config, stages, shards, sink, progress)
 
 
 # Restarts of a dead actor and retries of its task: a shard whose worker keeps dying fails alone.
@@ -216,8 +230,8 @@ _ACTOR_RESTARTS = 3
 _TASKS_IN_FLIGHT_PER_ACTOR = 2  # the next shard waits in the actor while the driver fetches and writes one
 
 
-def run_actor_pool(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sink: ShardSink,
-                   progress: Progress) -> None:
+def run_actor_pool(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[tuple[int, InputShard]],
+                   sink: ShardSink, progress: Progress) -> None:
     """All stages in one pool of CPU actors, one per core, each reading and processing whole shards.
 
     Plain actors rather than a Ray Data pipeline: a single fused operator gains nothing from Ray Data's
@@ -232,8 +246,9 @@ def run_actor_pool(config: BuildConfig, shards: Sequence[tuple[int, InputShard]]
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     worker_class = ray.remote(StageWorker).options(num_cpus=1, max_restarts=_ACTOR_RESTARTS,
                                                    max_task_retries=_ACTOR_RESTARTS)
-    config_dict = config.to_dict()
-    actors = [worker_class.remote(config_dict, ALL_STAGES) for _ in range(min(cpus, len(shards)))]
+    every_stage = tuple(range(len(stages)))
+    actors = [worker_class.remote(stages, every_stage, config.key_digits, config.batch_size)
+              for _ in range(min(cpus, len(shards)))]
     queue = [ShardTask(index, shard) for index, shard in reversed(shards)]  # popped from the end: in order
     in_flight: dict[Any, tuple[Any, ShardTask]] = {}
 
@@ -269,14 +284,14 @@ def _is_setup_error(exc: BaseException) -> bool:
     return isinstance(exc, StageSetupError) or "StageSetupError: " in str(exc)
 
 
-def run_dataset(config: BuildConfig, shards: Sequence[tuple[int, InputShard]], sink: ShardSink,
-                progress: Progress) -> None:
+def run_dataset(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[tuple[int, InputShard]],
+                sink: ShardSink, progress: Progress) -> None:
     """The GPU layout on Ray Data; if the dataset fails after its retries, every unwritten shard fails."""
     headers: dict[int, ShardHeader] = {}
     buffers: dict[int, list[WorkItem]] = {index: [] for index, _ in shards}
     written: set[int] = set()
     try:
-        for row in iter_results(build_dataset(config, shards)):
+        for row in iter_results(build_dataset(config, stages, shards)):
             if isinstance(row, ShardHeader):
                 index = row.shard
                 headers[index] = row
