@@ -59,7 +59,7 @@ class DemoResult:
 
 def prepare_inputs(config: DemoConfig) -> list[Path]:
     """The input folders: the bundled photos, the synthetic scenes and the web-noise samples (under OUT/inputs)."""
-    from grit_pipeline.synthetic import generate_scenes, write_scene_folder
+    from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
 
     inputs = [PHOTOS_DIR]
     root = Path(config.out_dir) / "inputs"
@@ -80,7 +80,7 @@ def write_noisy_folder(folder: Path, seed: int) -> Path:
     """
     import json
 
-    from grit_pipeline.synthetic import generate_scenes, write_scene_folder
+    from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
 
     scenes = generate_scenes(4, seed=seed)
     write_scene_folder(scenes, folder)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grit_pipeline.inputs import MAX_MEMBER_BYTES
+from grit_pipeline.inputs.base import MAX_MEMBER_BYTES
 from grit_pipeline.manifests.findings import Check, Finding
 from grit_pipeline.records import GritRecord, MalformedRecordError
 from grit_pipeline.stages.serialize import (

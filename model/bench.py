@@ -97,8 +97,8 @@ _tokenizer_cache: dict[str, Any] = {}
 
 def _synthetic_shards(folder: Path, samples: int, source_size: int) -> Path:
     """Synthetic scenes written as build-layout shards (bounded count: they are re-read in a loop)."""
-    from grit_pipeline.model.scene_shards import write_scene_shards
-    from grit_pipeline.synthetic import generate_scenes
+    from grit_pipeline.fixtures.scene_shards import write_scene_shards
+    from grit_pipeline.fixtures.synthetic import generate_scenes
 
     scenes = generate_scenes(min(samples, 1000), seed=0, size=(source_size, source_size))
     return write_scene_shards(scenes, folder, per_shard=250)

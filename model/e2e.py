@@ -1,6 +1,6 @@
 """`make e2e`: proof that the shards teach grounding.
 
-Synthetic scenes (grit_pipeline.synthetic) -> `grit build` with the annotation grounder -> train the tiny
+Synthetic scenes (grit_pipeline.fixtures.synthetic) -> `grit build` with the annotation grounder -> train the tiny
 preset on the CPU within a bounded budget -> on held-out scenes, prompt `<grounding><phrase> a red
 circle</phrase>` and read the generated box. Mean IoU and accuracy at IoU 0.5 are compared with the
 trivial baseline (the training set's mean box for every phrase). Prints JSON; exits 1 if the model does
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from grit_pipeline.records import Box, Span
 
 if TYPE_CHECKING:
-    from grit_pipeline.synthetic import Scene
+    from grit_pipeline.fixtures.synthetic import Scene
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,14 +105,14 @@ def _overrides(argv: list[str]) -> dict[str, Any]:
 
 def training_scenes(config: E2EConfig) -> list[Scene]:
     """The training scenes (the held-out ones use another seed)."""
-    from grit_pipeline.synthetic import generate_scenes
+    from grit_pipeline.fixtures.synthetic import generate_scenes
 
     return generate_scenes(config.train_scenes, seed=config.seed, size=(config.scene_size, config.scene_size))
 
 
 def build_shards(scenes: list[Scene], work: Path) -> Path:
     """Training scenes -> shards with the real `grit build` (annotation grounder); returns the shards folder."""
-    from grit_pipeline.synthetic import write_scene_folder
+    from grit_pipeline.fixtures.synthetic import write_scene_folder
 
     captions = write_scene_folder(scenes, work / "input")
     out = work / "build"
@@ -146,7 +146,7 @@ def held_out_scenes(config: E2EConfig) -> list[HeldOutScene]:
     """Scenes generated with another seed than training's, JPEG-encoded like the build's images."""
     import io
 
-    from grit_pipeline.synthetic import generate_scenes
+    from grit_pipeline.fixtures.synthetic import generate_scenes
 
     scenes = generate_scenes(config.test_scenes, seed=config.seed + 10_007, size=(config.scene_size, config.scene_size))
     held_out = []

@@ -37,8 +37,8 @@ from grit_pipeline.build import run_build
 from grit_pipeline.config import BuildConfig
 from grit_pipeline.manifests.audit import audit_build
 from grit_pipeline.stages.groundingdino import GroundingConfig
-from grit_pipeline.synthetic import generate_scenes, write_scene_folder
-from grit_pipeline.testing import build_tiny_grounding_dino
+from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
+from grit_pipeline.fixtures.detector import build_tiny_grounding_dino
 
 n = int(sys.argv[1])
 root = Path(tempfile.mkdtemp(prefix="grit-gpu-build-"))

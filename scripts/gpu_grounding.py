@@ -302,8 +302,8 @@ def cpu_profile(batch_size: int = 16, count: int = 64) -> dict:
 
     hf_logging.disable_progress_bar()
     module = import_stage()
+    from grit_pipeline.fixtures.detector import build_tiny_grounding_dino
     from grit_pipeline.stages import box_selection
-    from grit_pipeline.testing import build_tiny_grounding_dino
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:

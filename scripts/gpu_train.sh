@@ -13,8 +13,8 @@ trap 'rm -rf "$WORK"' EXIT
 printf 'from grit_pipeline.cli import main\nmain()\n' > "$WORK/grit_main.py"
 $PY - "$WORK" <<'PYEOF'
 import sys
-from grit_pipeline.model.scene_shards import write_scene_shards
-from grit_pipeline.synthetic import generate_scenes
+from grit_pipeline.fixtures.scene_shards import write_scene_shards
+from grit_pipeline.fixtures.synthetic import generate_scenes
 write_scene_shards(generate_scenes(2000, seed=0, size=(256, 256)), sys.argv[1] + "/build", per_shard=250)
 PYEOF
 run() {  # run NAME EXTRA_TRAIN_ARGS...

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
 from grit_pipeline.manifests.audit import Check, audit_build
-from grit_pipeline.synthetic import generate_scenes, write_scene_folder
 
 SHARDS, PER_SHARD = 2, 4
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from grit_pipeline.build import run_build
 from grit_pipeline.config import BuildConfig
 from grit_pipeline.demo import PHOTOS_DIR, write_noisy_folder
-from grit_pipeline.img2dataset import scene_samples, write_img2dataset_folder
-from grit_pipeline.synthetic import generate_scenes, write_scene_folder
+from grit_pipeline.fixtures.img2dataset import scene_samples, write_img2dataset_folder
+from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
 
 PINNED: dict[str, str] = {
     "00000.parquet": "cdb4cf5ed118856c",

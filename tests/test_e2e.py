@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from grit_pipeline.fixtures.scene_shards import write_scene_shards
+from grit_pipeline.fixtures.synthetic import generate_scenes
 from grit_pipeline.model.e2e import (
     E2EConfig,
     evaluate,
@@ -12,9 +14,7 @@ from grit_pipeline.model.e2e import (
     train_tiny,
     training_scenes,
 )
-from grit_pipeline.model.scene_shards import write_scene_shards
 from grit_pipeline.records import Box
-from grit_pipeline.synthetic import generate_scenes
 
 torch.set_num_threads(1)
 

@@ -12,9 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from grit_pipeline.img2dataset import Img2DatasetSample, resize_like_img2dataset, write_img2dataset_folder
-from grit_pipeline.records import Box
-from grit_pipeline.square_scenes import (
+from grit_pipeline.fixtures.img2dataset import (
+    Img2DatasetSample,
+    resize_like_img2dataset,
+    write_img2dataset_folder,
+)
+from grit_pipeline.fixtures.square_scenes import (
     CAPTION,
     COLOURS,
     RED,
@@ -25,6 +28,7 @@ from grit_pipeline.square_scenes import (
     jpeg_bytes,
     square_scene,
 )
+from grit_pipeline.records import Box
 from grit_pipeline.stages.frames import (
     BoxFrame,
     DownloadInfo,

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from grit_pipeline.cli import main
+from grit_pipeline.fixtures.detector import build_tiny_grounding_dino
 from grit_pipeline.records import DropReason, GritRecord, Span
 from grit_pipeline.stages.detector_loading import (
     DetectorUnavailableError,
@@ -22,7 +23,6 @@ from grit_pipeline.stages.detector_loading import (
 from grit_pipeline.stages.grounding import GroundingRequest
 from grit_pipeline.stages.groundingdino import GroundingDinoGrounder, is_standard_processor
 from grit_pipeline.stages.text import Phrase
-from grit_pipeline.testing import build_tiny_grounding_dino
 
 NUM_QUERIES = 30
 

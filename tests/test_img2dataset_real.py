@@ -21,8 +21,7 @@ from PIL import Image
 
 from grit_pipeline.build import run_build
 from grit_pipeline.config import BuildConfig
-from grit_pipeline.records import Box
-from grit_pipeline.square_scenes import (
+from grit_pipeline.fixtures.square_scenes import (
     CAPTION,
     COLOURS,
     SPANS,
@@ -32,6 +31,7 @@ from grit_pipeline.square_scenes import (
     jpeg_bytes,
     square_scene,
 )
+from grit_pipeline.records import Box
 
 pytest.importorskip("img2dataset")
 

@@ -11,15 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from grit_pipeline.img2dataset import Img2DatasetSample, add_member, scene_samples, write_img2dataset_folder
-from grit_pipeline.inputs import (
-    InputError,
-    discover_shards,
-    is_safe_member_name,
-    split_member_name,
+from grit_pipeline.fixtures.img2dataset import (
+    Img2DatasetSample,
+    add_member,
+    scene_samples,
+    write_img2dataset_folder,
 )
+from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
+from grit_pipeline.inputs import InputError, discover_shards
+from grit_pipeline.inputs.tar import is_safe_member_name, split_member_name
 from grit_pipeline.records import DropReason, write_grit_parquet
-from grit_pipeline.synthetic import generate_scenes, write_scene_folder
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from grit_pipeline.fixtures.scene_shards import write_scene_shards
+from grit_pipeline.fixtures.synthetic import generate_scenes
 from grit_pipeline.model.data import (
     BadSampleBudget,
     DataConfig,
@@ -26,10 +28,8 @@ from grit_pipeline.model.data import (
     split_by_node,
     split_by_worker,
 )
-from grit_pipeline.model.scene_shards import write_scene_shards
 from grit_pipeline.model.tokenizer import build_tokenizer
 from grit_pipeline.records import DropReason
-from grit_pipeline.synthetic import generate_scenes
 
 torch.set_num_threads(1)
 
@@ -149,7 +149,7 @@ def test_too_few_shards_for_the_workers_is_an_error(shard_dir, tokenizer):
 
 
 def test_text_choice_plain_grounded_and_phrase_mode(scenes, tokenizer):
-    from grit_pipeline.model.scene_shards import scene_sample
+    from grit_pipeline.fixtures.scene_shards import scene_sample
 
     sample = scene_sample(scenes[0])
     grounded = SampleEncoder(tokenizer, 32, DataConfig(shards="x", grounded_prob=1.0))
@@ -162,7 +162,7 @@ def test_text_choice_plain_grounded_and_phrase_mode(scenes, tokenizer):
 
 
 def test_plain_caption_with_control_strings_is_sanitised(scenes, tokenizer):
-    from grit_pipeline.model.scene_shards import scene_sample
+    from grit_pipeline.fixtures.scene_shards import scene_sample
 
     sample = scene_sample(scenes[0])
     meta = json.loads(sample["json"])

@@ -9,11 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from grit_pipeline.fixtures.scene_shards import write_scene_shards
+from grit_pipeline.fixtures.synthetic import generate_scenes
 from grit_pipeline.model.data import DataConfig
 from grit_pipeline.model.presets import PRESETS, count_parameters, get_preset
-from grit_pipeline.model.scene_shards import write_scene_shards
 from grit_pipeline.model.train import TrainConfig, latest_checkpoint, lr_factor, train
-from grit_pipeline.synthetic import generate_scenes
 
 torch.set_num_threads(1)  # one thread: fast alone, and robust when the cores are shared
 

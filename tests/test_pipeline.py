@@ -14,12 +14,17 @@ from click.testing import CliRunner
 from grit_pipeline.build import run_build
 from grit_pipeline.cli import main
 from grit_pipeline.config import BuildConfig
-from grit_pipeline.img2dataset import Img2DatasetSample, add_member, scene_samples, write_img2dataset_folder
+from grit_pipeline.fixtures.img2dataset import (
+    Img2DatasetSample,
+    add_member,
+    scene_samples,
+    write_img2dataset_folder,
+)
+from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
 from grit_pipeline.manifests.manifest import load_manifest
 from grit_pipeline.records import DropReason
 from grit_pipeline.stages.base import Resources, run_stage
 from grit_pipeline.stages.text import TextConfig
-from grit_pipeline.synthetic import generate_scenes, write_scene_folder
 from grit_pipeline.work import WorkItem, intake
 
 
@@ -94,7 +99,7 @@ def test_corrupt_inputs_are_counted_not_fatal(tmp_path: Path, scenes) -> None:
 
 
 def test_a_failing_shard_is_recorded_and_the_cli_exits_non_zero(tmp_path: Path, inputs, monkeypatch) -> None:
-    import grit_pipeline.inputs as inputs_module
+    import grit_pipeline.inputs.img2dataset as inputs_module
 
     real = inputs_module.read_img2dataset_shard
 
@@ -192,8 +197,8 @@ def test_ray_runner_writes_the_same_bytes_as_the_local_runner(tmp_path: Path, in
 
 
 def test_grounding_dino_grounder_on_a_tiny_random_detector(tmp_path: Path, inputs) -> None:
+    from grit_pipeline.fixtures.detector import build_tiny_grounding_dino
     from grit_pipeline.stages.detector_loading import GroundingConfig
-    from grit_pipeline.testing import build_tiny_grounding_dino
 
     detector = build_tiny_grounding_dino(tmp_path / "detector")
     grounding = GroundingConfig(detector=str(detector), box_threshold=0.2, device="cpu")

@@ -14,10 +14,10 @@ import pytest
 
 from grit_pipeline.build import run_build
 from grit_pipeline.config import BuildConfig
-from grit_pipeline.img2dataset import scene_samples, write_img2dataset_folder
+from grit_pipeline.fixtures.img2dataset import scene_samples, write_img2dataset_folder
+from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
 from grit_pipeline.manifests.audit import audit_build
 from grit_pipeline.manifests.manifest import load_manifest
-from grit_pipeline.synthetic import generate_scenes, write_scene_folder
 
 KEPT = 9
 

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from grit_pipeline.build import OutputInUseError, run_build
 from grit_pipeline.cli import main
 from grit_pipeline.config import BuildConfig
+from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
 from grit_pipeline.stages.serialize import SerializeConfig
-from grit_pipeline.synthetic import generate_scenes, write_scene_folder
 
 
 @pytest.fixture(scope="module")

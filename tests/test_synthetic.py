@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from grit_pipeline.fixtures.synthetic import COLOURS, Scene, generate_scenes, write_scene_folder
 from grit_pipeline.records import Box
-from grit_pipeline.synthetic import COLOURS, Scene, generate_scenes, write_scene_folder
 
 
 def _colour_bbox(scene: Scene, colour: str) -> Box:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from grit_pipeline.synthetic import generate_scenes, write_scene_folder
+from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
 
 HUB_ID = "IDEA-Research/grounding-dino-tiny"
 _PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")

@@ -181,7 +181,7 @@ def _cuda_available() -> bool:
 @click.option("--repeats", type=int, default=3, show_default=True)
 def bench_shards(samples: int, image_kb: int, repeats: int) -> None:
     """Shard-writer MB/s against raw tarfile writing of the same payloads (target ratio >= 0.8)."""
-    from grit_pipeline.build_benchmarks import bench_shard_writer
+    from grit_pipeline.benchmarks.build import bench_shard_writer
 
     click.echo(json.dumps(bench_shard_writer(samples, image_kb * 1024, repeats), indent=2))
 
@@ -193,6 +193,6 @@ def bench_shards(samples: int, image_kb: int, repeats: int) -> None:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 def bench_pipeline(n: int, runner: str, samples_per_shard: int, batch_size: int) -> None:
     """End-to-end samples/s against the slowest stage run alone (annotation grounder, small images)."""
-    from grit_pipeline.build_benchmarks import bench_end_to_end
+    from grit_pipeline.benchmarks.build import bench_end_to_end
 
     click.echo(json.dumps(bench_end_to_end(n, runner, samples_per_shard, batch_size), indent=2))

@@ -282,7 +282,7 @@ def _attach_phrases(block: list[_Pending], kind: str, extractor: Any, counts: Co
 
 def _frame_map(pending: _Pending) -> Any:
     """How the line's supplied boxes map into the decoded (upright) image: its width/height tell their frame."""
-    from grit_pipeline.inputs import size_of
+    from grit_pipeline.inputs.img2dataset import size_of
     from grit_pipeline.stages.frames import FrameConfig, Size, SourceFrame, resolve_frame
 
     image = pending.image
@@ -293,7 +293,7 @@ def _frame_map(pending: _Pending) -> Any:
 def _row(pending: _Pending, result: Any) -> dict[str, Any]:
     """The GRIT-20M row of a grounded pair, boxes normalised to the stored (upright) image: width/height are
     the original's (the line's own, else the image's), stored_width/stored_height the stored image's."""
-    from grit_pipeline.inputs import size_of
+    from grit_pipeline.inputs.img2dataset import size_of
     from grit_pipeline.stages.assemble import assemble_record
 
     obj = pending.obj
@@ -393,9 +393,9 @@ def run_detector_bench(detector: str | None, n_images: int, batch_size: int, dev
     import torch
     from transformers.utils import logging as hf_logging
 
+    from grit_pipeline.fixtures.detector import build_tiny_grounding_dino
     from grit_pipeline.stages.detector_loading import GroundingConfig
     from grit_pipeline.stages.groundingdino import GroundingDinoGrounder
-    from grit_pipeline.testing import build_tiny_grounding_dino
 
     hf_logging.disable_progress_bar()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -435,7 +435,7 @@ def run_detector_bench(detector: str | None, n_images: int, batch_size: int, dev
             wall[name], cpu[name] = min(wall[name], wall_s), min(cpu[name], cpu_s)
     return {
         "bench": "detector",
-        "detector": detector or "tiny-random (grit_pipeline.testing)",
+        "detector": detector or "tiny-random (grit_pipeline.fixtures.detector)",
         "device": grounder.device,
         "torch_threads": torch.get_num_threads(),
         "cores": cores,

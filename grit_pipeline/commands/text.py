@@ -225,7 +225,7 @@ def _open_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str 
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1), help="Best of N runs each.")
 def bench_text(n: int, batch_size: int, naive_n: int, repeats: int) -> None:
     """Text stages vs raw nlp.pipe with the same components over the same captions (the limit), on one core."""
-    from grit_pipeline.text_benchmarks import bench_text_stage
+    from grit_pipeline.benchmarks.text import bench_text_stage
 
     _emit(bench_text_stage(n=n, batch_size=batch_size, naive_n=naive_n, repeats=repeats))
 
@@ -237,6 +237,6 @@ def bench_text(n: int, batch_size: int, naive_n: int, repeats: int) -> None:
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Best of N runs.")
 def bench_serialize(n: int, token_format: str, mode: str, repeats: int) -> None:
     """Location-token serialiser throughput (records/s) on generated GRIT-20M records; target >= 50,000."""
-    from grit_pipeline.text_benchmarks import bench_serializer
+    from grit_pipeline.benchmarks.text import bench_serializer
 
     _emit(bench_serializer(n=n, token_format=token_format, mode=mode, repeats=repeats))

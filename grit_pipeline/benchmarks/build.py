@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from grit_pipeline.benchmarks.timing import best_seconds
 from grit_pipeline.shards import OutputSample, sample_key, tar_members, write_shard, write_tar
-from grit_pipeline.timing import best_seconds
 
 
 def _payload_samples(samples: int, image_bytes: int, seed: int = 0) -> list[OutputSample]:
@@ -69,7 +69,7 @@ def write_bench_input(folder: Path, n: int, unique: int = 500, size: int = 64) -
     """A captions.jsonl folder of `n` samples cycling through `unique` generated scenes (small images)."""
     import json
 
-    from grit_pipeline.synthetic import generate_scenes, write_scene_folder
+    from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
 
     scenes = generate_scenes(min(n, unique), seed=0, size=(size, size))
     write_scene_folder(scenes, folder)

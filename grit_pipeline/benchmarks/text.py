@@ -7,9 +7,9 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from grit_pipeline.benchmarks.timing import best_seconds, pin_to_one_core
 from grit_pipeline.records import Box, GritRecord, GroundedSpan, Span
 from grit_pipeline.samples import cycle_to, load_caption_sample
-from grit_pipeline.timing import best_seconds, pin_to_one_core
 
 
 def best_rate(run: Callable[[], Any], items: int, repeats: int) -> float:

@@ -1,0 +1,1 @@
+"""Benchmarks of the stages and the build against their limits (`grit bench ...`)."""
