@@ -7,6 +7,7 @@ import enum
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from grit_pipeline.stages.annotations import AnnotationConfig
@@ -134,3 +135,90 @@ def _strip(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get(stage), dict):
             out[stage] = {k: v for k, v in out[stage].items() if k not in names}
     return out
+
+
+# ---------------------------------------------------------------------------------------------- making one
+
+NMS_OFF = "off"
+"""The option value that disables class-agnostic NMS (`--nms-iou off`)."""
+
+# Flat option name (as on the command line) -> where it goes in the config (stage, field).
+_OPTION_PATHS: dict[str, tuple[tuple[str, str], ...]] = {
+    "detector": (("grounding", "detector"),),
+    "box_threshold": (("grounding", "box_threshold"), ("annotations", "box_threshold")),
+    "nms_iou": (("grounding", "nms_iou"), ("annotations", "nms_iou")),
+    "detector_batch_size": (("grounding", "batch_size"),),
+    "device": (("grounding", "device"),),
+    "dtype": (("grounding", "dtype"),),
+    "offline": (("grounding", "local_files_only"),),
+    "spacy_model": (("text", "spacy_model"),),
+    "mode": (("serialize", "mode"),),
+    "max_pixels": (("image", "max_pixels"),),
+    "box_frame": (("frames", "box_frame"),),
+    "resize_mode": (("frames", "resize_mode"),),
+    "min_cropped_box_fraction": (("frames", "min_cropped_box_fraction"),),
+}
+OPTION_NAMES = frozenset(_OPTION_PATHS) | {f.name for f in dataclasses.fields(BuildConfig)
+                                          if f.name not in _STAGE_CONFIGS and f.name not in ("inputs", "out_dir")}
+
+
+def build_config(inputs: tuple[str, ...] | None = None, out_dir: str | None = None, *,
+                 base: dict[str, Any] | None = None, **options: Any) -> BuildConfig:
+    """The one way to make a run's BuildConfig: the CLI, the Python API and the demo all call this.
+
+    Starts from `base` (a saved config.json's config, or the defaults), then applies every option that is
+    not None: top-level fields by name, stage fields by their flat command-line names (`detector`,
+    `box_threshold`, `nms_iou` (a float or "off"), `spacy_model`, `mode`, `box_frame`, ...). Paths are
+    made absolute. When neither the options nor `base` set `gpus_per_grounder`, it is 1 for GroundingDINO
+    on a machine with CUDA, else 0. ValueError names an unknown option or an invalid value.
+    """
+    unknown = sorted(set(options) - OPTION_NAMES)
+    if unknown:
+        raise ValueError(f"unknown config option(s): {', '.join(unknown)}")
+    values: dict[str, Any] = json.loads(json.dumps(base)) if base else {}
+    if inputs is not None:
+        values["inputs"] = [str(Path(p).resolve()) for p in inputs]
+    if out_dir is not None:
+        values["out_dir"] = str(Path(out_dir).resolve())
+    if not values.get("inputs") or not values.get("out_dir"):
+        raise ValueError("a build needs its inputs and an output folder (or a config file that names them)")
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name == "nms_iou" and value == NMS_OFF:
+            value = None
+        for stage, stage_field in _OPTION_PATHS.get(name, ()):
+            values.setdefault(stage, {})[stage_field] = value
+        if name not in _OPTION_PATHS:
+            values[name] = value
+    if "gpus_per_grounder" not in values:
+        values["gpus_per_grounder"] = 1.0 if values.get("grounder", "grounding-dino") == "grounding-dino" \
+            and _cuda_available() else 0.0
+    stage_defaults = BuildConfig(inputs=("-",), out_dir="-").to_dict()
+    for stage in _STAGE_CONFIGS:  # a partial stage section keeps the defaults of the fields it leaves out
+        if stage in values:
+            values[stage] = {**stage_defaults[stage], **values[stage]}
+    try:
+        return BuildConfig.from_dict(values)
+    except TypeError as exc:  # a saved config with a field this version does not have
+        raise ValueError(f"config: {exc}") from exc
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """The config dict of a saved OUT/config.json (or of a bare config object); ValueError when unusable."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read config file {path}: {exc}") from exc
+    config = data.get("config", data) if isinstance(data, dict) else None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a grit build config (a JSON object, or config.json's {{'config': ...}})")
+    return config
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())

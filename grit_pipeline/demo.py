@@ -107,7 +107,7 @@ def write_noisy_folder(folder: Path, seed: int) -> Path:
 def run_demo(config: DemoConfig, stream: TextIO = sys.stdout) -> DemoResult:
     """Build, audit and inspect the demo sample; prints progress and the summary to `stream`."""
     from grit_pipeline.build import run_build, summary_table
-    from grit_pipeline.commands.build import make_config
+    from grit_pipeline.config import build_config
     from grit_pipeline.manifests.audit import audit_build
     from grit_pipeline.manifests.gallery import write_gallery
 
@@ -116,12 +116,9 @@ def run_demo(config: DemoConfig, stream: TextIO = sys.stdout) -> DemoResult:
     build_dir = out / "build"
     print(f"[1/3] grit build {' '.join(str(p) for p in inputs)} --out {build_dir} "
           f"--grounder annotations --runner {config.runner}", file=stream)  # fmt: skip
-    build_config = make_config(
-        tuple(str(p) for p in inputs), str(build_dir), grounder="annotations", detector=None,
-        box_threshold=None, nms_iou=None, spacy_model=None, mode="expression", gpus_per_grounder=0.0,
-        runner=config.runner, samples_per_shard=config.samples_per_shard,
-    )  # fmt: skip
-    result = run_build(build_config, overwrite=True, stream=stream)
+    build = build_config(tuple(str(p) for p in inputs), str(build_dir), grounder="annotations",
+                         runner=config.runner, samples_per_shard=config.samples_per_shard)
+    result = run_build(build, overwrite=True, stream=stream)
     summary = summary_table(result)
     print(f"[2/3] grit audit {build_dir}", file=stream)
     report = audit_build(build_dir)

@@ -42,3 +42,48 @@ def test_fingerprint_ignores_where_and_how_fast_but_not_what_is_written():
     ]
     assert all(c.fingerprint() == base.fingerprint() for c in same)
     assert all(c.fingerprint() != base.fingerprint() for c in different)
+
+
+def test_the_cli_and_the_api_make_the_same_config(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from grit_pipeline.cli import main
+    from grit_pipeline.config import build_config
+    from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
+
+    folder = write_scene_folder(generate_scenes(2, seed=1, size=(48, 48)), tmp_path / "in").parent
+    options = {"grounder": "annotations", "runner": "local", "nms_iou": "off", "box_threshold": 0.5}
+    result = CliRunner().invoke(main, ["build", str(folder), "--out", str(tmp_path / "out"), "--grounder",
+                                       "annotations", "--runner", "local", "--nms-iou", "off", "--box-threshold", "0.5"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["config"]
+    api = build_config((str(folder),), str(tmp_path / "out"), **options)
+    assert saved == api.to_dict()
+    assert api.grounding.nms_iou is None and api.annotations.nms_iou is None and api.grounding.box_threshold == 0.5
+
+
+def test_a_saved_config_reaches_every_stage_field_and_flags_override_it(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from grit_pipeline.cli import main
+    from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
+
+    folder = write_scene_folder(generate_scenes(2, seed=1, size=(48, 48)), tmp_path / "in").parent
+    config = {"inputs": [str(folder)], "out_dir": str(tmp_path / "out"), "grounder": "annotations",
+              "runner": "local", "image": {"jpeg_quality": 80}, "text": {"batch_size": 3},
+              "serialize": {"mode": "phrase"}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["build", "--config", str(path), "--mode", "expression"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["config"]
+    assert saved["image"]["jpeg_quality"] == 80 and saved["text"]["batch_size"] == 3
+    assert saved["serialize"]["mode"] == "expression"  # the flag wins over the file
+    rerun = CliRunner().invoke(main, ["build", "--config", str(tmp_path / "out" / "config.json")])
+    assert rerun.exit_code == 0 and "1 skipped" in rerun.output  # the saved config resumes its own build
+    bad = CliRunner().invoke(main, ["build", "--config", str(path), "--out", str(tmp_path / "o2"), "--grounder", "glip"])
+    assert bad.exit_code == 2

@@ -300,10 +300,29 @@ def test_grit_ground_puts_supplied_boxes_in_the_stored_frame_too(tmp_path: Path)
                                        "--grounder", "annotations"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert sorted(r["key"] for r in rows) == sorted(expected)
+    assert sorted(r["source_key"] for r in rows) == sorted(expected)
     for row in rows:
-        image = ImageOps.exif_transpose(Image.open(tmp_path / "in" / f"{row['key']}.jpg"))
+        image = ImageOps.exif_transpose(Image.open(tmp_path / "in" / f"{row['source_key']}.jpg"))
         assert (row["stored_width"], row["stored_height"]) == image.size
         for start, end, *box, _score in row["noun_chunks"]:
             colour = "red" if (start, end) == SPANS["red"] else "blue"
             assert box_near(Box(*box), colour_box(image, COLOURS[colour]), image), (row["key"], colour)
+
+
+def test_grit_ground_prints_exactly_the_records_grit_build_writes(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from grit_pipeline.build import run_build
+    from grit_pipeline.cli import main
+    from grit_pipeline.config import build_config
+
+    _captions_folder(tmp_path / "in")
+    result = CliRunner().invoke(main, ["ground", str(tmp_path / "in"), str(tmp_path / "in" / "captions.jsonl"),
+                                       "--grounder", "annotations"])
+    assert result.exit_code == 0, result.output
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert run_build(build_config((str(tmp_path / "in"),), str(tmp_path / "out"), grounder="annotations",
+                                  runner="local")).ok
+    with tarfile.open(tmp_path / "out" / "shards" / "00000.tar") as tar:
+        written = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert printed == written and len(printed) == 20

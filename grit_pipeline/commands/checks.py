@@ -1,0 +1,63 @@
+"""Checks every command that builds or grounds makes before it writes anything: the detector, the spaCy
+model and the Ray cluster are there, each failure one line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def require_detector(config: Any) -> None:
+    """Exit 2 before anything is written when GroundingDINO is needed but its checkpoint cannot be found,
+    with the line `grit ground` prints for the same detector."""
+    if config.grounder != "grounding-dino" or all(str(p).endswith(".parquet") for p in config.inputs):
+        return  # GRIT-20M parquet rows carry their boxes: the detector is never loaded for them
+    from grit_pipeline.commands.ground import detector_unavailable
+    from grit_pipeline.stages.detector_loading import DetectorUnavailableError, ensure_detector_available
+
+    try:
+        ensure_detector_available(config.grounding)
+    except DetectorUnavailableError as exc:
+        detector_unavailable(exc)
+
+
+def require_spacy_model(config: Any) -> None:
+    """Stop before anything is written when the spaCy pipeline for noun chunks is not installed (in the words
+    of `grit phrases` and `grit ground`). GRIT-20M parquet rows carry their noun chunks and never load it."""
+    if all(str(p).endswith(".parquet") for p in config.inputs):
+        return
+    import importlib.util
+
+    name = config.text.spacy_model
+    try:
+        if Path(name).exists() or importlib.util.find_spec(name) is not None:
+            return  # an installed package or a pipeline folder: found without importing spaCy
+    except (ImportError, ValueError):
+        pass
+    from grit_pipeline.stages.text import load_spacy
+
+    try:
+        load_spacy(name)  # neither: spaCy's own lookup decides, and says why in its own words
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def require_ray_cluster(config: Any) -> None:
+    """Stop before anything is written when --ray-address (or RAY_ADDRESS) is a HOST:PORT that takes no
+    connection: ray.init would retry for minutes before it gave up."""
+    import socket
+
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if config.runner != "ray" or not address:
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" and the like: Ray's own lookup
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3.0).close()
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach the Ray cluster at {address} ({exc}); check --ray-address or "
+                                   f"RAY_ADDRESS, or pass --runner local") from exc
