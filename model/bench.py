@@ -70,7 +70,7 @@ def _decode_resize(urls: list[str], image_size: int) -> Any:
     """The loader's own image work alone (scaled decode + resize), for the overhead of text and collate."""
     import webdataset as wds
 
-    from grit_pipeline.model.data import load_pixels
+    from grit_pipeline.model.pixels import load_pixels
 
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         load_pixels(sample["jpg"], image_size)
@@ -79,9 +79,9 @@ def _decode_resize(urls: list[str], image_size: int) -> Any:
 
 def _loader(shard_dir: str, image_size: int, batch_size: int) -> Any:
     """The trainer's ShardStream in-process (one worker): batches of model inputs."""
-    from grit_pipeline.model.data import DataConfig, SampleEncoder, ShardStream, list_shards
+    from grit_pipeline.model.data import DataConfig, ShardStream, caption_texts, list_shards
+    from grit_pipeline.model.encoding import SampleEncoder
     from grit_pipeline.model.tokenizer import build_tokenizer
-    from grit_pipeline.model.train import caption_texts
 
     config = DataConfig(shards=shard_dir, batch_size=batch_size, num_workers=0, shuffle_buffer=500)
     tokenizer = _tokenizer_cache.get(shard_dir) or build_tokenizer(caption_texts(shard_dir, 5000), vocab_size=2000)

@@ -12,32 +12,22 @@ the worker that was due next becomes DataLoader worker 0: the batch sequence con
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from grit_pipeline.model.tokenizer import BOI_TOKEN, EOI_TOKEN, NUM_IMAGE_TOKENS
+from grit_pipeline.model.encoding import PREFIX_LENGTH, EncodedSample, SampleEncoder, collate
 from grit_pipeline.records import DropReason
 
-if TYPE_CHECKING:
-    from PIL import Image
-    from transformers import PreTrainedTokenizerBase
-
 log = logging.getLogger(__name__)
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# <s> <image> [64 image embeddings] </image>: no loss on any of these.
-PREFIX_LENGTH = NUM_IMAGE_TOKENS + 3
 
 
 class SkipRateExceeded(RuntimeError):
@@ -70,10 +60,6 @@ class DataConfig:
         if self.max_length <= PREFIX_LENGTH + 1:
             raise ValueError(f"max_length must exceed the {PREFIX_LENGTH}-token image prefix")
 
-    def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able fields."""
-        return asdict(self)
-
 
 @dataclass(slots=True)
 class DataPosition:
@@ -90,26 +76,16 @@ class DataPosition:
         self.next_worker = (worker + 1) % max(1, self.num_workers)
         self.epoch = max(self.epoch, epoch)
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-able form (worker ids as strings)."""
         return {"num_workers": self.num_workers, "cursors": {str(k): v for k, v in self.cursors.items()},
                 "next_worker": self.next_worker, "epoch": self.epoch}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataPosition:
-        """Inverse of as_dict."""
+        """Inverse of to_dict."""
         return cls(int(data["num_workers"]), {int(k): int(v) for k, v in data["cursors"].items()},
                    int(data["next_worker"]), int(data.get("epoch", 0)))
-
-
-@dataclass(frozen=True, slots=True)
-class EncodedSample:
-    """One training example: token ids (with the image prefix), labels and the (3, S, S) uint8 pixels."""
-
-    key: str
-    input_ids: list[int]
-    labels: list[int]
-    image: torch.Tensor
 
 
 # ---------------------------------------------------------------- shard lists and ordering
@@ -137,6 +113,23 @@ def list_shards(shards: str | Path) -> tuple[list[str], dict[str, int] | None]:
         if len(sizes) != len(urls):
             sizes = None  # a partial sizes.json cannot be trusted for skipping
     return urls, sizes
+
+
+def caption_texts(shards: str, limit: int) -> Iterator[str]:
+    """Up to `limit` captions from the shards' .json, in shard order (the tokenizer's training text)."""
+    from webdataset.tariterators import tarfile_samples
+
+    from grit_pipeline.stages.serialize import sanitize_caption
+
+    urls, _ = list_shards(shards)
+    samples = tarfile_samples(iter([{"url": u} for u in urls]), handler=lambda _: True,
+                              select_files=lambda name: name.endswith(".json"))
+    for index, sample in enumerate(samples):
+        if index >= limit:
+            return
+        caption = json.loads(sample["json"]).get("caption")
+        if isinstance(caption, str) and caption.strip():
+            yield sanitize_caption(caption)
 
 
 def split_by_node(shards: Sequence[str], rank: int, world_size: int) -> list[str]:
@@ -176,19 +169,13 @@ def shuffle_buffer(samples: Iterator[Any], size: int, rng: random.Random) -> Ite
     yield from buffer
 
 
-def grounded_choice(seed: int, epoch: int, key: str, grounded_prob: float) -> bool:
-    """Whether this sample is shown grounded in this epoch: a pure function of (seed, epoch, key)."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < grounded_prob
-
-
 # ---------------------------------------------------------------- bad samples
 
 
 class BadSampleBudget:
     """Counts bad samples by reason, logs them rate-limited, and stops the run past the maximum skip rate."""
 
-    def __init__(self, max_skip_rate: float, min_samples: int, log_interval_s: float = 10.0):
+    def __init__(self, max_skip_rate: float, min_samples: int, log_interval_s: float = 10.0) -> None:
         self.max_skip_rate = max_skip_rate
         self.min_samples = min_samples
         self.log_interval_s = log_interval_s
@@ -222,178 +209,6 @@ class BadSampleBudget:
         """A webdataset handler: count the error (tar-level) and continue."""
         self.skip(DropReason.MALFORMED_RECORD, repr(exception))
         return True
-
-
-# ---------------------------------------------------------------- encoding
-
-
-JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def decode_pixels(data: bytes, size: int) -> torch.Tensor:
-    """(C, H, W) uint8, RGB first, both sides >= size (when the source allows); JPEGs decoded already downscaled.
-
-    JPEGs go through libjpeg-turbo (simplejpeg), about twice as fast as PIL at full size, scaled in the
-    decoder by the largest of 1/2, 1/4, 1/8 that keeps both sides >= size (like PIL's draft mode).
-    libjpeg-turbo's other n/8 scales are not used: they decode slower than full size. JPEGs it cannot turn
-    into RGB and other formats go through PIL. JPEGs come out as RGBX (C = 4, the fourth channel padding)
-    in a channels-last view: torch's uint8 resize is about 20% faster on four channels than on three.
-    """
-    if data[:3] == JPEG_MAGIC:
-        import simplejpeg
-
-        try:
-            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-            factor = 1
-            while factor < 8 and min(height, width) // (2 * factor) >= size:
-                factor *= 2
-            array = simplejpeg.decode_jpeg(data, colorspace="RGBX", min_height=-(-height // factor),
-                                           min_width=-(-width // factor))
-        except ValueError:  # not decodable to RGB by libjpeg-turbo: PIL below decodes it or raises
-            array = None
-        if array is not None:
-            return torch.from_numpy(array).permute(2, 0, 1)
-    return image_pixels(_open_image(data, size))
-
-
-def _open_image(data: bytes, size: int) -> Image.Image:
-    """PIL's lazy open, in draft mode for JPEGs (the decoder downscales by 1/2, 1/4 or 1/8, staying >= size)."""
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data))
-    if image.format == "JPEG":
-        image.draft("RGB", (size, size))
-    return image
-
-
-def image_pixels(image: Image.Image) -> torch.Tensor:
-    """(3, H, W) uint8 RGB view of a PIL image."""
-    import numpy as np
-
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-
-
-def resize_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, size, size) uint8 RGB from (3 or 4, H, W), resized straight (no crop) with antialiased bilinear.
-
-    torch's uint8 antialiased bilinear on a channels-last view is about 4x faster than PIL's resize.
-    Training and `grit generate` both go through here.
-    """
-    if tuple(pixels.shape[1:]) != (size, size):
-        pixels = torch.nn.functional.interpolate(pixels[None], size=(size, size), mode="bilinear",
-                                                 antialias=True, align_corners=False)[0]
-    return pixels[:3].contiguous()
-
-
-def load_pixels(data: bytes, size: int) -> torch.Tensor:
-    """Encoded image bytes -> (3, size, size) uint8 model pixels."""
-    return resize_pixels(decode_pixels(data, size), size)
-
-
-class SampleEncoder:
-    """Raw shard sample -> EncodedSample: text choice, tokens exactly as Kosmos2Processor, resized image."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_size: int, config: DataConfig):
-        self.tokenizer = tokenizer
-        self.image_size = image_size
-        self.config = config
-        self.prefix_ids = image_prefix_ids(tokenizer)
-        self.eos_id = int(tokenizer.eos_token_id)
-        # The Rust tokenizer directly: the transformers wrapper costs more than the tokenization itself.
-        self._backend = getattr(tokenizer, "backend_tokenizer", None)
-
-    def text_for(self, sample: dict[str, Any], epoch: int) -> str:
-        """Grounded text (from .txt, or re-serialised in phrase mode) or the sanitised plain caption."""
-        from grit_pipeline.stages.serialize import sanitize_caption
-
-        meta = json.loads(sample["json"])
-        key = str(sample.get("__key__", meta.get("key", "")))
-        if grounded_choice(self.config.seed, epoch, key, self.config.grounded_prob):
-            grounded = self._grounded_text(sample, meta)
-            if grounded:
-                return grounded
-        caption = str(meta.get("caption", "")).strip()
-        if not caption:
-            raise ValueError("empty caption")
-        return sanitize_caption(caption)
-
-    def _grounded_text(self, sample: dict[str, Any], meta: dict[str, Any]) -> str | None:
-        """The shard's own .txt in expression mode; phrase mode re-serialises the record from its .json."""
-        if self.config.span_mode == "expression" and "txt" in sample:
-            return sample["txt"].decode("utf-8")
-        from grit_pipeline.records import GritRecord
-        from grit_pipeline.stages.serialize import SerializeConfig, serialize_record
-
-        fields = {name: meta[name] for name in GritRecord.__dataclass_fields__ if name in meta}
-        return serialize_record(GritRecord.from_row(fields), SerializeConfig(mode=self.config.span_mode)).text
-
-    def encode_text(self, text: str) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) for `text` after the image prefix; no loss on the prefix."""
-        if self._backend is not None:
-            body = self._backend.encode(" " + text.strip(), add_special_tokens=False).ids
-        else:
-            body = self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
-        body = body[: self.config.max_length - len(self.prefix_ids) - 1] + [self.eos_id]
-        input_ids = self.prefix_ids + body
-        labels = [-100] * len(self.prefix_ids) + body
-        return input_ids, labels
-
-    def __call__(self, sample: dict[str, Any], epoch: int) -> EncodedSample:
-        """Encode one raw sample; raises on anything malformed (the caller counts and skips it)."""
-
-        image_bytes = sample.get("jpg") or sample.get("jpeg") or sample.get("png")
-        if not image_bytes:
-            raise KeyError("no image in sample")
-        input_ids, labels = self.encode_text(self.text_for(sample, epoch))
-        pixels = load_pixels(image_bytes, self.image_size)
-        return EncodedSample(str(sample.get("__key__", "")), input_ids, labels, pixels)
-
-
-def image_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """`<s> <image> [64 placeholder ids] </image>` as Kosmos2Processor writes it (placeholders: unk+1 ...)."""
-    first = int(tokenizer.unk_token_id) + 1
-    boi, eoi = tokenizer.convert_tokens_to_ids([BOI_TOKEN, EOI_TOKEN])
-    return [int(tokenizer.bos_token_id), int(boi), *range(first, first + NUM_IMAGE_TOKENS), int(eoi)]
-
-
-def image_embeds_position_mask(length: int) -> list[int]:
-    """1 on the 64 image-embedding positions after `<s> <image>`, 0 elsewhere (as Kosmos2Processor)."""
-    return [0, 0] + [1] * NUM_IMAGE_TOKENS + [0] * (length - NUM_IMAGE_TOKENS - 2)
-
-
-def collate(samples: Sequence[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad samples into model inputs; pixels stay uint8 (N, 3, H, W): `normalize_pixels` runs on the device."""
-    length = max(len(s.input_ids) for s in samples)
-    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), length), -100, dtype=torch.long)
-    attention = torch.zeros((len(samples), length), dtype=torch.long)
-    for row, sample in enumerate(samples):
-        input_ids[row, : len(sample.input_ids)] = torch.tensor(sample.input_ids)
-        labels[row, : len(sample.labels)] = torch.tensor(sample.labels)
-        attention[row, : len(sample.input_ids)] = 1
-    position = torch.tensor(image_embeds_position_mask(length), dtype=torch.long).expand(len(samples), -1)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "image_embeds_position_mask": position.contiguous(),
-        "labels": labels,
-        "pixels": torch.stack([s.image for s in samples]),
-    }
-
-
-def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float pixel_values with the processor's mean/std (on whatever device `pixels` is)."""
-    mean_t = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels.float().div_(255.0) - mean_t) / std_t
-
-
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, mean: Sequence[float] = CLIP_MEAN,
-                 std: Sequence[float] = CLIP_STD) -> dict[str, torch.Tensor]:
-    """A collated batch moved to `device` with pixels normalised there (uint8 crosses the bus, not float)."""
-    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "pixels"}
-    inputs["pixel_values"] = normalize_pixels(batch["pixels"].to(device, non_blocking=True), mean, std)
-    return inputs
 
 
 # ---------------------------------------------------------------- the stream
@@ -440,7 +255,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     """An iterable of collated batches for one rank; each batch also carries (worker, cursor, epoch)."""
 
     def __init__(self, shards: Sequence[str], sizes: dict[str, int] | None, encoder: SampleEncoder,
-                 config: DataConfig, rank: int = 0, world_size: int = 1, start: DataPosition | None = None):
+                 config: DataConfig, rank: int = 0, world_size: int = 1, start: DataPosition | None = None) -> None:
         num_workers = max(1, config.num_workers)
         if not config.resampled and len(shards) < world_size * num_workers:
             raise ValueError(
@@ -460,6 +275,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                           max(1, self.config.num_workers))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """This DataLoader worker's batches, forever: its logical worker's walk from the start position."""
         info = torch.utils.data.get_worker_info()
         physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
         # DataLoader worker 0 serves first: make it the logical worker that was due next when we stopped.

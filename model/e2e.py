@@ -125,8 +125,9 @@ def build_shards(scenes: list[Scene], work: Path) -> Path:
 
 def train_tiny(config: E2EConfig, shards: Path, run_dir: Path) -> Any:
     """Train the tiny preset on the shards within the time budget."""
+    from grit_pipeline.model.config import TrainConfig
     from grit_pipeline.model.data import DataConfig
-    from grit_pipeline.model.train import TrainConfig, train
+    from grit_pipeline.model.train import train
 
     data = DataConfig(shards=str(shards), batch_size=config.batch_size, num_workers=1, seed=config.seed,
                       shuffle_buffer=500, grounded_prob=config.grounded_prob,

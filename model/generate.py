@@ -94,7 +94,7 @@ class GroundedEntity:
     end: int
     boxes: tuple[Box, ...]
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON form: phrase, [start, end] in the caption, boxes as [x1, y1, x2, y2]."""
         return {"phrase": self.phrase, "span": [self.start, self.end], "boxes": [list(b.as_tuple()) for b in self.boxes]}
 
@@ -107,15 +107,15 @@ class Generation:
     caption: str
     entities: tuple[GroundedEntity, ...]
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return {"text": self.text, "caption": self.caption, "entities": [e.as_dict() for e in self.entities]}
+        return {"text": self.text, "caption": self.caption, "entities": [e.to_dict() for e in self.entities]}
 
 
 class Generator:
     """A loaded checkpoint (model + processor) that grounds prompts on images."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto"):
+    def __init__(self, checkpoint: str | Path, device: str = "auto") -> None:
         import torch
         from transformers import Kosmos2ForConditionalGeneration
         from transformers.utils import logging as hf_logging
@@ -132,7 +132,7 @@ class Generator:
 
     def prepare_image(self, image: bytes | Image.Image) -> torch.Tensor:
         """(3, S, S) uint8 pixels exactly as the training loader makes them (scaled JPEG decode for bytes)."""
-        from grit_pipeline.model.data import image_pixels, load_pixels, resize_pixels
+        from grit_pipeline.model.pixels import image_pixels, load_pixels, resize_pixels
 
         if isinstance(image, bytes):
             return load_pixels(image, self.image_size)
@@ -140,7 +140,7 @@ class Generator:
 
     def pixel_values(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised (N, 3, S, S) pixel values with the processor's mean/std (as the training loop)."""
-        from grit_pipeline.model.data import normalize_pixels
+        from grit_pipeline.model.pixels import normalize_pixels
 
         image_processor = self.processor.image_processor
         return normalize_pixels(pixels, image_processor.image_mean, image_processor.image_std)

@@ -75,7 +75,7 @@ class ModelPreset:
         }
         return Kosmos2Config(vision_config=vision, text_config=text, latent_query_num=self.latent_query_num)
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able fields."""
         return asdict(self)
 

@@ -16,18 +16,16 @@ from grit_pipeline.model.data import (
     BadSampleBudget,
     DataConfig,
     DataPosition,
-    SampleEncoder,
     ShardStream,
     SkipRateExceeded,
-    decode_pixels,
     epoch_shards,
-    grounded_choice,
     list_shards,
-    load_pixels,
     make_loader,
     split_by_node,
     split_by_worker,
 )
+from grit_pipeline.model.encoding import SampleEncoder, grounded_choice
+from grit_pipeline.model.pixels import decode_pixels, load_pixels
 from grit_pipeline.model.tokenizer import build_tokenizer
 from grit_pipeline.records import DropReason
 
@@ -115,7 +113,7 @@ def test_resume_from_position_continues_exactly(shard_dir, tokenizer):
     position = DataPosition(1)
     for batch in reference[:7]:
         position.advance(*batch["position"])
-    resumed = _take(_stream(shard_dir, tokenizer, start=DataPosition.from_dict(position.as_dict())), 9)
+    resumed = _take(_stream(shard_dir, tokenizer, start=DataPosition.from_dict(position.to_dict())), 9)
     for a, b in zip(reference[7:], resumed, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixels"], b["pixels"])
 
@@ -129,7 +127,7 @@ def test_resume_with_two_workers_continues_exactly(shard_dir, tokenizer):
     for batch in reference[:5]:  # stop after an odd number: worker 1 is due next
         position.advance(*batch["position"])
     assert position.next_worker == 1
-    resumed = _take(loader(DataPosition.from_dict(position.as_dict())), 4)
+    resumed = _take(loader(DataPosition.from_dict(position.to_dict())), 4)
     for a, b in zip(reference[5:], resumed, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"])
 

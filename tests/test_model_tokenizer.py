@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from grit_pipeline.model.data import (
+from grit_pipeline.model.data import DataConfig
+from grit_pipeline.model.encoding import (
     PREFIX_LENGTH,
-    DataConfig,
     EncodedSample,
     SampleEncoder,
     collate,

@@ -11,9 +11,11 @@ from click.testing import CliRunner
 
 from grit_pipeline.fixtures.scene_shards import write_scene_shards
 from grit_pipeline.fixtures.synthetic import generate_scenes
+from grit_pipeline.model.checkpoints import latest_checkpoint
+from grit_pipeline.model.config import TrainConfig
 from grit_pipeline.model.data import DataConfig
 from grit_pipeline.model.presets import PRESETS, count_parameters, get_preset
-from grit_pipeline.model.train import TrainConfig, latest_checkpoint, lr_factor, train
+from grit_pipeline.model.train import lr_factor, train
 
 torch.set_num_threads(1)  # one thread: fast alone, and robust when the cores are shared
 
@@ -36,7 +38,8 @@ def _config(shard_dir, out, **overrides):
 
 
 def test_dropout_override_reaches_the_model(shard_dir, tmp_path):
-    from grit_pipeline.model.train import prepare_model, prepare_processor, setup_distributed
+    from grit_pipeline.model.distributed import setup_distributed
+    from grit_pipeline.model.train import prepare_model, prepare_processor
 
     config = _config(shard_dir, tmp_path / "run", dropout=0.1)
     model = prepare_model(config, prepare_processor(config, setup_distributed("cpu")))
@@ -197,7 +200,7 @@ def test_preset_validation():
     with pytest.raises(ValueError):
         get_preset("huge")
     with pytest.raises(ValueError, match="latent_query_num"):
-        PRESETS["tiny"].__class__(**{**PRESETS["tiny"].as_dict(), "latent_query_num": 32})
+        PRESETS["tiny"].__class__(**{**PRESETS["tiny"].to_dict(), "latent_query_num": 32})
 
 
 def test_structured_init_makes_neighbouring_cells_alike():

@@ -42,8 +42,8 @@ def train(**options: object) -> None:
     Shards, --init, --device and a resumed run's config are checked before anything is written: a run that
     cannot start exits 1 with one line and leaves --out as it was.
     """
+    from grit_pipeline.model.config import TrainConfig, TrainInputError, resume_config
     from grit_pipeline.model.data import DataConfig
-    from grit_pipeline.model.train import TrainConfig, TrainInputError, resume_config
     from grit_pipeline.model.train import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -97,7 +97,7 @@ def generate(checkpoint: str, image_path: str, prompt: str, max_new_tokens: int,
         raise click.ClickException(f"--png {png_path}: folder {Path(png_path).parent} does not exist")
     try:
         source = resolve_checkpoint(checkpoint)  # CheckpointError: missing, empty, not cached, hub unreachable
-        from grit_pipeline.model.train import check_device  # imports torch: after the cheap checks
+        from grit_pipeline.model.config import check_device  # imports torch: after the cheap checks
 
         check_device(device)
     except ValueError as exc:
@@ -111,7 +111,7 @@ def generate(checkpoint: str, image_path: str, prompt: str, max_new_tokens: int,
     result = generator.generate(image_bytes, prompt, max_new_tokens)
     if png_path:
         draw_entities(Image.open(image_path), result, png_path)
-    click.echo(json.dumps(result.as_dict(), ensure_ascii=False))
+    click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
 
 
 @click.command()
