@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 GRIT := $(VENV)/bin/grit
 
 
-.PHONY: setup system-deps test test-slow lint demo e2e bench wheel-check clean
+.PHONY: setup system-deps test test-unit test-integration test-gpu test-slow lint demo e2e bench wheel-check clean
 
 setup: system-deps
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,19 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null && echo "chromium: installed"; \
 	else echo "chromium: not installed (not root); the gallery screenshot test will be skipped"; fi
 
+# Test tiers (markers in pyproject.toml): unit (unmarked), integration, slow, gpu. `make test` = unit + integration.
 test:
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+test-unit:
+	$(PY) -m pytest -q -m "not integration and not slow and not gpu"
+
+test-integration:
+	$(PY) -m pytest -q -m "integration and not slow and not gpu"
+
+test-gpu:
+	$(PY) -m pytest -q -m gpu
 
 test-slow:
 	$(PY) -m pytest -q -m slow

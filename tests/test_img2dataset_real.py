@@ -34,6 +34,7 @@ from grit_pipeline.fixtures.square_scenes import (
 from grit_pipeline.records import Box
 
 pytest.importorskip("img2dataset")
+pytestmark = pytest.mark.integration  # real img2dataset processes and a loopback HTTP server
 
 MODES = ("border", "center_crop", "keep_ratio", "no")
 # name -> (raw width, raw height, EXIF orientation, squares in raw pixels)
@@ -100,6 +101,7 @@ def _download(url_list: Path, root: Path) -> list[str]:
     return [str(root / mode) for mode in MODES]
 
 
+@pytest.mark.timeout(600)  # 83 s on 2 cores; each img2dataset run may take 300 s before _download gives up
 def test_real_img2dataset_output_in_every_resize_mode(tmp_path: Path, http_root: str) -> None:
     url_list = _url_list(tmp_path / "urls.parquet", http_root)
     config = BuildConfig(inputs=tuple(_download(url_list, tmp_path)), out_dir=str(tmp_path / "out"), grounder="annotations", runner="local")

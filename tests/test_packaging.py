@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # builds a wheel with pip, installs it in a fresh venv
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -165,6 +165,7 @@ def test_text_stage_runs_for_captions_without_entries(tmp_path: Path, scenes) ->
     assert result.manifest["totals"]["spans"] >= 2
 
 
+@pytest.mark.integration  # starts Ray
 @pytest.mark.parametrize(
     "gpus_per_grounder, ray_engine",
     [pytest.param(0.0, "auto", id="fused"),
@@ -282,6 +283,7 @@ def _descendants(root: int) -> dict[int, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # starts Ray
 def test_ray_restarts_a_killed_stage_worker_and_the_output_is_unchanged(tmp_path: Path) -> None:
     import os
     import signal

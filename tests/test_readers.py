@@ -19,6 +19,8 @@ from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
 from grit_pipeline.manifests.audit import audit_build
 from grit_pipeline.manifests.manifest import load_manifest
 
+pytestmark = pytest.mark.integration  # starts Ray, Hugging Face datasets and multi-worker loaders
+
 KEPT = 9
 
 

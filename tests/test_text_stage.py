@@ -98,7 +98,10 @@ def test_fixed_phrase_fragments_are_switchable(extractor):
 
 
 def test_abstract_nouns_default_and_file(extractor, tmp_path):
-    assert len(ABSTRACT_NOUNS) == 14
+    every_word = [f"a dog and the {word}" for word in ABSTRACT_NOUNS]  # each default word is filtered out
+    for text, parsed in zip(every_word, extractor(every_word), strict=True):
+        assert [p.chunk.text(text) for p in parsed.phrases] == ["a dog"], text
+        assert parsed.dropped[DropReason.ABSTRACT_NOUN] == 1, text
     caption = "love and hope under a big tree in the garden"
     (result,) = extractor([caption])
     chunks = [p.chunk.text(caption) for p in result.phrases]

@@ -228,6 +228,8 @@ def outcomes(request, tmp_path_factory) -> dict[str, Outcome]:
         return {case.id: outcome for case, outcome in zip(cases, results, strict=True)}
 
 
+@pytest.mark.integration  # ~60 `python -m grit_pipeline` processes: about 2 minutes on 2 cores
+@pytest.mark.timeout(600)  # the first case pays for the module fixture that runs them all
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_a_bad_argument_is_a_message_and_writes_nothing(case: Case, outcomes: dict[str, Outcome]) -> None:
     outcome = outcomes[case.id]
@@ -246,6 +248,8 @@ def test_a_bad_argument_is_a_message_and_writes_nothing(case: Case, outcomes: di
         sorted(set(outcome.after.items()) ^ set(outcome.before.items())))
 
 
+@pytest.mark.integration  # shares the subprocess fixture above
+@pytest.mark.timeout(600)
 def test_commands_say_the_same_about_a_missing_detector(outcomes: dict[str, Outcome]) -> None:
     for first, second in SAME_MESSAGE:
         assert outcomes[first].stderr == outcomes[second].stderr, (first, second)
