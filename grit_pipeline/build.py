@@ -23,7 +23,9 @@ from grit_pipeline.manifests.manifest import (
     CONFIG_FILE,
     MANIFEST_FILE,
     SIZES_FILE,
+    ManifestError,
     build_manifest,
+    load_manifest,
     shard_entry,
     write_manifest,
 )
@@ -187,31 +189,33 @@ def runner_for(config: BuildConfig) -> Runner:
 
 def _finish(config: BuildConfig, shards: list[InputShard], sink: ShardSink, timings: dict[str, Any]) -> dict[str, Any]:
     folder = Path(config.out_dir) / SHARDS_DIR
-    previous_seconds = _previous_shard_seconds(Path(config.out_dir) / MANIFEST_FILE)
+    previous = _previous_manifest(Path(config.out_dir))
+    previous_seconds = {e["name"]: e["seconds"] for e in previous.get("shards", []) if e.get("seconds") is not None}
     entries = []
     for index in range(len(shards)):
         stats = read_stats(folder, index)
         entry = shard_entry(shard_name(index), stats, sink.failures.get(index, "not written"))
         entry["seconds"] = sink.seconds.get(index, previous_seconds.get(entry["name"]))
         entries.append(entry)
-    manifest = build_manifest(config.to_dict(), config.fingerprint(), entries, models=_models(config, sink),
+    manifest = build_manifest(config.to_dict(), config.fingerprint(), entries,
+                              models=_models(config, sink, previous.get("models") or {}),
                               inputs=fingerprint_inputs(config.inputs), timings=timings)
     write_manifest(config.out_dir, manifest)
     return manifest
 
 
-def _previous_shard_seconds(manifest: Path) -> dict[str, float]:
-    """Per-shard seconds recorded by an earlier run of this build (kept for shards it finished)."""
-    if not manifest.is_file():
+def _previous_manifest(out: Path) -> dict[str, Any]:
+    """The manifest an earlier run of this build wrote ({} when there is none or it is unusable): its shard
+    timings and grounder descriptions are kept for the shards it finished."""
+    if not (out / MANIFEST_FILE).is_file():
         return {}
     try:
-        shards = json.loads(manifest.read_text(encoding="utf-8")).get("shards", [])
-    except ValueError:
+        return load_manifest(out)
+    except ManifestError:
         return {}
-    return {e["name"]: e["seconds"] for e in shards if isinstance(e, dict) and e.get("seconds") is not None}
 
 
-def _models(config: BuildConfig, sink: ShardSink) -> dict[str, Any]:
+def _models(config: BuildConfig, sink: ShardSink, previous: dict[str, Any]) -> dict[str, Any]:
     """spaCy model name and version; `grounder`: the configured grounder's description (model id, revision
     or weights hash, thresholds); `grounders`: every grounder that grounded samples, by kind. Descriptions
     from an earlier run of the same build are kept on resume."""
@@ -222,10 +226,7 @@ def _models(config: BuildConfig, sink: ShardSink) -> dict[str, Any]:
         models["spacy_model_version"] = importlib.metadata.version(config.text.spacy_model)
     except importlib.metadata.PackageNotFoundError:
         pass
-    previous = Path(config.out_dir) / MANIFEST_FILE
-    grounders: dict[str, Any] = {}
-    if previous.is_file():
-        grounders.update(json.loads(previous.read_text(encoding="utf-8")).get("models", {}).get("grounders") or {})
+    grounders: dict[str, Any] = dict(previous.get("grounders") or {})
     grounders.update(sink.models)
     models["grounder"] = grounders.get(config.grounder, {"grounder": config.grounder})
     models["grounders"] = grounders

@@ -1,8 +1,9 @@
-"""Atomic file output: write to a temporary name in the same folder, fsync, then rename."""
+"""File I/O: atomic output (write to a temporary name in the same folder, fsync, then rename) and file sha256."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -48,3 +49,15 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write `obj` as indented, key-sorted JSON to `path` atomically."""
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+def file_sha256(*paths: str | os.PathLike[str]) -> str:
+    """Hex sha256 of the files' bytes, read in 1 MiB blocks and hashed one after the other (one file: its sha256)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while size := handle.readinto(buffer):
+                digest.update(view[:size])
+    return digest.hexdigest()

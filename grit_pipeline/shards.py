@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from grit_pipeline.io import atomic_path, write_bytes_atomic
+from grit_pipeline.io import atomic_path, file_sha256, write_bytes_atomic
 from grit_pipeline.records import GRIT20M_SCHEMA, DropReason
 
 SHARDS_DIR = "shards"
@@ -328,19 +328,6 @@ def write_metadata(path: Path, samples: Sequence[OutputSample]) -> None:
             pq.ParquetWriter(tmp, METADATA_SCHEMA, compression="zstd").close()
 
 
-def file_digest(path: Path) -> tuple[str, int]:
-    """(sha256 hex, size in bytes) of a file."""
-    with open(path, "rb") as handle:
-        if hasattr(hashlib, "file_digest"):  # Python >= 3.11: the loop runs in C
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        else:
-            hashing = hashlib.sha256()
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                hashing.update(block)
-            digest = hashing.hexdigest()
-    return digest, os.path.getsize(path)
-
-
 def shard_stats(index: int, samples: Sequence[OutputSample], source: dict[str, Any],
                 read_errors: Sequence[str]) -> dict[str, Any]:
     """Counts, drop reasons and source of one shard (files are added by `write_shard`)."""
@@ -377,10 +364,9 @@ def write_shard(folder: Path, index: int, samples: Sequence[OutputSample], sourc
     else:  # nothing kept: no tar at all (readers choke on an empty one)
         paths.tar.unlink(missing_ok=True)
     write_metadata(paths.parquet, samples)
-    parquet_sha, parquet_bytes = file_digest(paths.parquet)
     stats = shard_stats(index, samples, source, read_errors)
-    stats["files"] = {"tar": tar_file,
-                      "parquet": {"name": paths.parquet.name, "sha256": parquet_sha, "bytes": parquet_bytes}}
+    stats["files"] = {"tar": tar_file, "parquet": {"name": paths.parquet.name, "sha256": file_sha256(paths.parquet),
+                                                   "bytes": paths.parquet.stat().st_size}}
     write_bytes_atomic(paths.stats, (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
     return stats
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from grit_pipeline.inputs import InputSample, InputShard
 from grit_pipeline.records import DropReason, GritRecord, MalformedRecordError
@@ -19,6 +19,8 @@ from grit_pipeline.shards import DROPPED, KEPT, OutputSample, sample_key
 if TYPE_CHECKING:
     from grit_pipeline.stages.grounding import Annotation, GroundingResult
     from grit_pipeline.stages.text import Phrase
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -189,10 +191,18 @@ def _dropped_row(item: WorkItem) -> dict[str, Any]:
     return {"key": item.key, "caption": item.sample.caption, **meta}
 
 
+def batched(items: Sequence[T], size: int) -> list[list[T]]:
+    """`items` cut into consecutive lists of `size` from the start (the last may be shorter): the one batching
+    helper (itertools.batched needs Python 3.12)."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    return [list(items[start : start + size]) for start in range(0, len(items), size)]
+
+
 def shard_batches(items: Sequence[WorkItem], batch_size: int) -> list[list[WorkItem]]:
     """A shard's items in consecutive batches of `batch_size` from its start: the pipeline's batches.
 
     Every runner uses exactly these batches, so a stage whose output depends on its batch-mates (a
     detector's padding) computes the same thing wherever and however often it runs.
     """
-    return [list(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]
+    return batched(items, batch_size)

@@ -11,15 +11,14 @@ when the build stored the original pixels).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grit_pipeline.io import file_sha256
 from grit_pipeline.manifests.findings import AuditReport, Check, Finding
+from grit_pipeline.manifests.manifest import ManifestError, load_manifest, load_sizes
 from grit_pipeline.manifests.sample_checks import AuditOptions, audit_sample, iter_tar_samples
 from grit_pipeline.stages.serialize import SerializeConfig
 
@@ -31,7 +30,6 @@ __all__ = [
     "ShardExpectation",
     "audit_build",
     "audit_shard",
-    "iter_tar_samples",
     "shard_expectations",
     "audit_options",
 ]
@@ -61,8 +59,8 @@ def audit_build(
     out = Path(out_dir)
     report = AuditReport(out_dir=str(out))
     try:
-        manifest = _read_manifest(out)
-    except (OSError, ValueError) as exc:
+        manifest = load_manifest(out)
+    except ManifestError as exc:
         report.findings.append(Finding(Check.MANIFEST, str(exc)))
         return report
     expectations = shard_expectations(manifest)
@@ -84,13 +82,6 @@ def audit_build(
         report.samples_checked += samples
         report.findings += findings
     return report
-
-
-def _read_manifest(out: Path) -> dict[str, Any]:
-    """The manifest as a dict (ManifestError, a ValueError, when it is missing or unusable)."""
-    from grit_pipeline.manifests.manifest import load_manifest
-
-    return load_manifest(out / "manifest.json")
 
 
 def shard_expectations(manifest: Mapping[str, Any]) -> dict[str, ShardExpectation]:
@@ -155,7 +146,7 @@ def _check_sizes_json(out: Path, expectations: Mapping[str, ShardExpectation]) -
     """shards/sizes.json (open_clip reads it next to the tars) gives every tar its manifest sample count and
     names no other file."""
     try:
-        sizes = json.loads((out / "shards" / "sizes.json").read_text(encoding="utf-8"))
+        sizes = load_sizes(out)
     except (OSError, ValueError) as exc:
         return [Finding(Check.SIZES_JSON, f"cannot read shards/sizes.json: {exc}")]
     findings = []
@@ -181,13 +172,10 @@ def audit_shard(
     name = path.name
     findings = _check_shard_file(path, expectation)
     keys: list[str] = []
-    try:
-        for key, files in iter_tar_samples(path, problems=findings):
-            keys.append(key)
-            findings += _check_key(name, key, seen_keys)
-            findings += audit_sample(name, key, files, options)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        findings.append(Finding(Check.SHARD_UNREADABLE, f"tar cannot be read to the end: {exc}", name))
+    for key, files in iter_tar_samples(path, findings):
+        keys.append(key)
+        findings += _check_key(name, key, seen_keys)
+        findings += audit_sample(name, key, files, options)
     if expectation.samples is not None and len(keys) != expectation.samples:
         message = f"{len(keys)} samples in the tar, manifest says {expectation.samples}"
         findings.append(Finding(Check.SHARD_COUNT, message, name))
@@ -250,15 +238,6 @@ def _check_shard_file(path: Path, expectation: ShardExpectation) -> list[Finding
                 )
             )
     return findings
-
-
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_key(shard: str, key: str, seen_keys: dict[str, str]) -> list[Finding]:

@@ -17,16 +17,17 @@ import io
 import itertools
 import json
 import math
-import tarfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grit_pipeline.manifests.audit import audit_options, iter_tar_samples, shard_expectations
+from grit_pipeline.manifests.audit import audit_options, shard_expectations
+from grit_pipeline.manifests.manifest import ManifestError, load_manifest
+from grit_pipeline.manifests.sample_checks import iter_tar_samples
 from grit_pipeline.records import Box, GritRecord, MalformedRecordError, Span
-from grit_pipeline.stages.serialize import SerializeConfig, serialize_record
+from grit_pipeline.stages.serialize import SerializeConfig, serialize_record, serialized_entries, trim_span
 
 # Ten distinct colours (matplotlib's tab10), readable on photos and on white.
 PALETTE = (
@@ -71,53 +72,45 @@ class ShownSample:
 
 def kept_entities(record: GritRecord, config: SerializeConfig) -> tuple[ShownEntity, ...]:
     """The spans the serialiser keeps, each with the record's boxes on that span, coloured in order."""
-    serialized = serialize_record(record, config)
-    use_expressions = config.mode.value == "expression" and record.ref_exps
-    entries = record.ref_exps if use_expressions else record.noun_chunks
+    entries = serialized_entries(record, config)
     shown = []
-    for index, entity in enumerate(serialized.entities):
-        boxes = tuple(
-            (e.box.clamped(), e.score) for e in entries if _trimmed(e.span, record.caption) == entity.span
-        )
+    for index, entity in enumerate(serialize_record(record, config).entities):
+        span = (entity.span.start, entity.span.end)
+        boxes = tuple((e.box.clamped(), e.score) for e in entries
+                      if trim_span(e.span.start, e.span.end, record.caption) == span)
         shown.append(ShownEntity(entity.span, boxes, PALETTE[index % len(PALETTE)]))
     return tuple(shown)
 
 
-def _trimmed(span: Span, caption: str) -> Span:
-    """The span without surrounding whitespace (how the serialiser keys spans)."""
-    text = span.text(caption)
-    lead = len(text) - len(text.lstrip())
-    return Span(span.start + lead, span.start + lead + len(text.strip()))
-
-
-def iter_samples(out_dir: Path) -> Iterator[ShownSample]:
-    """Every readable sample of the build, in shard order; unreadable ones are skipped (the audit reports them)."""
-    config = audit_options(read_manifest(out_dir)).serialize
-    for path in _shard_paths(out_dir):
-        yield from _iter_shard(path, config)
-
-
-def _shard_paths(out_dir: Path) -> list[Path]:
+def _shard_paths(out_dir: Path, manifest: Mapping[str, Any]) -> list[Path]:
     """The tars of the manifest's shards that exist, in shard order."""
-    names = sorted(shard_expectations(read_manifest(out_dir)))
+    names = sorted(shard_expectations(manifest))
     return [out_dir / "shards" / name for name in names if (out_dir / "shards" / name).is_file()]
 
 
 def _iter_shard(path: Path, config: SerializeConfig) -> Iterator[ShownSample]:
-    """The readable samples of one tar; a tar that breaks off ends early (the audit reports it)."""
-    try:
-        for key, files in iter_tar_samples(path):
-            sample = _shown_sample(path.name, key, files, config)
-            if sample is not None:
-                yield sample
-    except (tarfile.TarError, OSError, EOFError):
-        return
+    """The readable samples of one tar (the audit's reader); a tar that breaks off ends early (the audit
+    reports it)."""
+    for key, files in iter_tar_samples(path):
+        sample = _shown_sample(path.name, key, files, config)
+        if sample is not None:
+            yield sample
 
 
-def pick_samples(out_dir: Path, count: int) -> list[ShownSample]:
-    """Up to `count` samples spread evenly over the shards (the first of each), topped up in build order."""
-    config = audit_options(read_manifest(out_dir)).serialize
-    paths = _shard_paths(out_dir)
+def _iter_shards(paths: Sequence[Path], config: SerializeConfig) -> Iterator[ShownSample]:
+    """The readable samples of the tars, in order."""
+    for path in paths:
+        yield from _iter_shard(path, config)
+
+
+def pick_samples(out_dir: Path, count: int, manifest: Mapping[str, Any] | None = None) -> list[ShownSample]:
+    """Up to `count` samples spread evenly over the shards (the first of each), topped up in build order.
+
+    `manifest`: the build's, already loaded (read here when None).
+    """
+    manifest = read_manifest(out_dir) if manifest is None else manifest
+    config = audit_options(manifest).serialize
+    paths = _shard_paths(out_dir, manifest)
     quota = math.ceil(count / max(1, len(paths)))
     per_shard: list[list[ShownSample]] = []
     for path in paths:
@@ -128,7 +121,7 @@ def pick_samples(out_dir: Path, count: int) -> list[ShownSample]:
     picked = list(itertools.islice(by_rank, count))
     if len(picked) < count:
         taken = {(s.shard, s.key) for s in picked}
-        with contextlib.closing(iter_samples(out_dir)) as samples:
+        with contextlib.closing(_iter_shards(paths, config)) as samples:
             extra = (s for s in samples if (s.shard, s.key) not in taken)
             picked += itertools.islice(extra, count - len(picked))
     return sorted(picked, key=lambda s: (s.shard, s.key))
@@ -149,11 +142,9 @@ def _shown_sample(
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
-    """The build's manifest, or GalleryError."""
-    from grit_pipeline.manifests.manifest import ManifestError, load_manifest
-
+    """The build's manifest (loaded and checked by `load_manifest`), or GalleryError."""
     try:
-        return load_manifest(out_dir / "manifest.json")
+        return load_manifest(out_dir)
     except ManifestError as exc:
         raise GalleryError(str(exc)) from exc
 
@@ -164,7 +155,7 @@ def write_gallery(out_dir: str | Path, html_path: str | Path, count: int = 50) -
 
     out = Path(out_dir)
     manifest = read_manifest(out)
-    samples = pick_samples(out, count)
+    samples = pick_samples(out, count, manifest)
     page = render_page(out.name or str(out), manifest, samples, shard_table_rows(out, manifest))
     write_bytes_atomic(html_path, page.encode("utf-8"))
     return len(samples)
@@ -376,16 +367,12 @@ def find_sample(out_dir: str | Path, key: str) -> ShownSample:
     out = Path(out_dir)
     manifest = read_manifest(out)
     config = audit_options(manifest).serialize
-    paths = _shard_paths(out)
     likely = _shard_of_key(key, manifest)
-    for path in sorted(paths, key=lambda p: p.name != likely):
-        try:
-            for member_key, files in iter_tar_samples(path):
-                sample = _shown_sample(path.name, key, files, config) if member_key == key else None
-                if sample is not None:
-                    return sample
-        except (tarfile.TarError, OSError, EOFError):
-            continue
+    for path in sorted(_shard_paths(out, manifest), key=lambda p: p.name != likely):
+        for member_key, files in iter_tar_samples(path):
+            sample = _shown_sample(path.name, key, files, config) if member_key == key else None
+            if sample is not None:
+                return sample
     raise GalleryError(f"no readable sample with key {key!r} in {out_dir}")
 
 

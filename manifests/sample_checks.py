@@ -7,13 +7,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from grit_pipeline.inputs.base import MAX_MEMBER_BYTES
+from grit_pipeline.inputs.tar import iter_tar_groups
 from grit_pipeline.manifests.findings import Check, Finding
 from grit_pipeline.records import GritRecord, MalformedRecordError
 from grit_pipeline.stages.serialize import (
@@ -38,43 +38,24 @@ class AuditOptions:
     decode_images: bool = True
 
 
-def iter_tar_samples(
-    path: Path, problems: list[Finding] | None = None
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of a shard, grouping consecutive members by key.
+def iter_tar_samples(path: Path, findings: list[Finding] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a shard, read by the pipeline's one tar reader in its strict mode.
 
-    Members that are not plain top-level files are skipped, each with a Finding appended to `problems`.
+    A member that is not a plain top-level `KEY.ext` regular file, or is too large, is skipped; it, a
+    duplicate member (MEMBER_NAME) and a tar that breaks off (SHARD_UNREADABLE) are Findings appended to
+    `findings`, in reading order. Never raises on a bad tar.
     """
-    key: str | None = None
-    files: dict[str, bytes] = {}
-    with tarfile.open(path, mode="r|") as tar:
-        for member in tar:
-            problem = _member_problem(member)
-            if problem is not None:
-                if problems is not None:
-                    problems.append(Finding(Check.MEMBER_NAME, problem, path.name))
-                continue
-            # webdataset splits a member name at its first dot: "KEY.ext"
-            member_key, _, extension = member.name.partition(".")
-            if member_key != key and key is not None:
-                yield key, files
-                files = {}
-            key = member_key
-            handle = tar.extractfile(member)
-            files[extension] = handle.read() if handle is not None else b""
-    if key is not None:
-        yield key, files
-
-
-def _member_problem(member: tarfile.TarInfo) -> str | None:
-    """Why a tar member is not a plain `KEY.ext` file at the top level, or None."""
-    if not member.isfile():
-        return f"member {member.name!r} is not a regular file"
-    if "/" in member.name or "\\" in member.name or member.name.startswith("."):
-        return f"member name {member.name!r} is not a plain top-level file name"
-    if member.size > MAX_MEMBER_BYTES:
-        return f"member {member.name!r} has {member.size} bytes, more than any sample file should (not read)"
-    return None
+    report = findings if findings is not None else []
+    errors: list[str] = []
+    skipped: list[str] = []
+    # MAX_MEMBER_BYTES is read here, at call time: a test lowers this module's limit
+    for group in iter_tar_groups(path, errors, skipped=skipped, max_member_bytes=MAX_MEMBER_BYTES):
+        report.extend(Finding(Check.MEMBER_NAME, problem, path.name) for problem in skipped)
+        skipped.clear()
+        report.extend(Finding(Check.MEMBER_NAME, problem, path.name, group.key) for problem in group.problems)
+        yield group.key, group.members
+    report.extend(Finding(Check.MEMBER_NAME, problem, path.name) for problem in skipped)
+    report.extend(Finding(Check.SHARD_UNREADABLE, f"tar cannot be read to the end: {e}", path.name) for e in errors)
 
 
 def audit_sample(shard: str, key: str, files: Mapping[str, bytes], options: AuditOptions) -> list[Finding]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from grit_pipeline.benchmarks.timing import best_rates
 
 
 def bench_loader(shards: str | None, samples: int, image_size: int, source_size: int, batch_size: int,
@@ -20,13 +21,13 @@ def bench_loader(shards: str | None, samples: int, image_size: int, source_size:
         from grit_pipeline.model.data import list_shards
 
         urls, _ = list_shards(shard_dir)
+        loops = {"plain": lambda: _plain_decode(urls), "decode_resize": lambda: _decode_resize(urls, image_size),
+                 "loader": lambda: _loader(shard_dir, image_size, batch_size)}
+        for make_iterator in loops.values():  # warm-up: first reads, imports, the tokenizer
+            next(iter(make_iterator()), None)
         # Interleaved repeats, best of each: on a shared machine the load changes between loops.
-        rates: dict[str, list[float]] = {"plain": [], "decode_resize": [], "loader": []}
-        for _ in range(repeats):
-            rates["plain"].append(_time_loop(lambda: _plain_decode(urls), samples))
-            rates["decode_resize"].append(_time_loop(lambda: _decode_resize(urls, image_size), samples))
-            rates["loader"].append(_time_loop(lambda: _loader(shard_dir, image_size, batch_size), samples))
-        plain, own_decode, loader = (max(rates[k]) for k in ("plain", "decode_resize", "loader"))
+        rates = best_rates({name: _counted(make_iterator, samples) for name, make_iterator in loops.items()}, repeats)
+        plain, own_decode, loader = (rates[k] for k in ("plain", "decode_resize", "loader"))
     return {
         "samples": samples,
         "repeats": repeats,
@@ -43,17 +44,19 @@ def bench_loader(shards: str | None, samples: int, image_size: int, source_size:
     }
 
 
-def _time_loop(make_iterator: Any, samples: int) -> float:
-    """Samples per second of an iterator yielding sample counts, over `samples` samples (after one warm-up)."""
-    for _ in make_iterator():
-        break
-    count, started = 0, time.perf_counter()
-    while count < samples:
-        for produced in make_iterator():
-            count += produced
-            if count >= samples:
-                break
-    return count / (time.perf_counter() - started)
+def _counted(make_iterator: Any, samples: int) -> Any:
+    """A run for `best_rates`: read fresh iterators (yielding sample counts) until `samples` samples; the count."""
+
+    def run() -> int:
+        count = 0
+        while count < samples:
+            for produced in make_iterator():
+                count += produced
+                if count >= samples:
+                    break
+        return count
+
+    return run
 
 
 def _plain_decode(urls: list[str]) -> Any:

@@ -219,9 +219,7 @@ class AnnotationGrounder:
             result.dropped.update(dropped)
             return result
         identity = [[i] for i in range(len(phrases))]
-        result = result_from_candidates(candidates, identity, len(phrases), self._box_filter, dropped)
-        result.info["matched_boxes"] = len(candidates)
-        return result
+        return result_from_candidates(candidates, identity, len(phrases), self._box_filter, dropped)
 
     def describe(self) -> dict[str, Any]:
         """Provenance for the manifest."""

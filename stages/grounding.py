@@ -60,12 +60,15 @@ class GroundingRequest:
 
 @dataclass(slots=True)
 class GroundingResult:
-    """Per phrase (same order as the request's phrases) the kept boxes; `drop_reason` set when none survived."""
+    """Per phrase (same order as the request's phrases) the kept boxes; `drop_reason` set when none survived.
+
+    `error`: why the grounder failed on this request (with STAGE_ERROR); it becomes the sample's error_message.
+    """
 
     boxes: list[list[ScoredBox]]
     drop_reason: DropReason | None = None
     dropped: Counter[DropReason] = field(default_factory=Counter)
-    info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
 
 class Grounder(Protocol):
@@ -310,7 +313,7 @@ class GroundStage:
             if item.phrases is None:
                 item.phrases = list(request.phrases)
             if result.drop_reason is not None:
-                item.drop(result.drop_reason)
+                item.drop(result.drop_reason, result.error)
 
 
 def grounding_request(item: WorkItem) -> GroundingRequest:

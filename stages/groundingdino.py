@@ -9,13 +9,13 @@ chunk whose tokens score highest (token-level logits, never decoded labels); the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grit_pipeline.io import file_sha256
 from grit_pipeline.records import DropReason
 from grit_pipeline.stages.box_selection import (
     SelectedBoxes,
@@ -32,6 +32,7 @@ from grit_pipeline.stages.detector_loading import (
 )
 from grit_pipeline.stages.grounding import GroundingRequest, GroundingResult, ungroundable_result
 from grit_pipeline.stages.prompts import PromptPlan, TextPass, plan_prompts, prompt_text
+from grit_pipeline.work import batched
 
 
 class GroundingDinoGrounder:
@@ -88,13 +89,7 @@ class GroundingDinoGrounder:
 
     def _finish(self, request: GroundingRequest, plan: PromptPlan,
                 selections: list[tuple[SelectedBoxes, list[int]]]) -> GroundingResult:
-        result = result_from_selected(selections, plan.phrase_targets, len(request.phrases), self._box_filter)
-        result.info.update(
-            {"text_passes": len(plan.passes), "repeated_phrases": sum(len(t) - 1 for t in plan.phrase_targets)}
-        )
-        if plan.truncated_phrases:
-            result.info["truncated_phrases"] = plan.truncated_phrases
-        return result
+        return result_from_selected(selections, plan.phrase_targets, len(request.phrases), self._box_filter)
 
     def _run_passes(self, batch: Sequence[GroundingRequest], plans: dict[int, PromptPlan]) -> dict[int, GroundingResult]:
         """Run every text pass, several per forward, and filter each request's boxes once all its passes ran.
@@ -110,7 +105,7 @@ class GroundingDinoGrounder:
         from concurrent.futures import ThreadPoolExecutor
 
         state = _PassState(plans)
-        chunks = list(_chunks([(i, p) for i, plan in plans.items() for p in plan.passes], self.config.batch_size))
+        chunks = batched([(i, p) for i, plan in plans.items() for p in plan.passes], self.config.batch_size)
         with contextlib.ExitStack() as stack:
             resize_pool = None
             if self.fast_preprocessing and self.preprocess_threads > 1:
@@ -287,21 +282,13 @@ class GroundingDinoGrounder:
         return values.mul_(pixel_mask[:, None])
 
     def forward(self, images: Sequence[Any], token_ids: Sequence[list[int]]) -> tuple[Any, Any]:
-        """Token probabilities (batch, queries, tokens) and corner boxes (batch, queries, 4) as numpy."""
-        return self.forward_inputs(self.prepare_inputs(images, token_ids))
-
-    def forward_inputs(self, inputs: dict[str, Any]) -> tuple[Any, Any]:
-        """The model on prepared inputs; sigmoid token probabilities and corner boxes as numpy arrays."""
-        probs, corners = self._forward_on_device(inputs)
-        return probs.cpu().numpy(), corners.cpu().numpy()
-
-    def _forward_on_device(self, inputs: dict[str, Any]) -> tuple[Any, Any]:
-        """Token probabilities (batch, queries, tokens) and corner boxes (batch, queries, 4), still on device."""
+        """Token probabilities (batch, queries, tokens) and corner boxes (batch, queries, 4) as numpy arrays."""
         import torch
 
-        raw = self._forward_raw(inputs)
+        raw = self._forward_raw(self.prepare_inputs(images, token_ids))
         with torch.inference_mode():
-            return _probabilities_and_corners(raw.logits, raw.pred_boxes)
+            probs, corners = _probabilities_and_corners(raw.logits, raw.pred_boxes)
+        return probs.cpu().numpy(), corners.cpu().numpy()
 
     def _forward_raw(self, inputs: dict[str, Any]) -> _RawOutputs:
         """The model's logits and boxes, and on CUDA an event marking when they are ready (nothing waits here)."""
@@ -335,14 +322,10 @@ class GroundingDinoGrounder:
         }
 
     def _local_weights_digest(self) -> str | None:
+        """sha256 of a local checkpoint folder's weight files, hashed in name order (None for a hub id)."""
         local = Path(self.config.detector).expanduser()
         if self._weights_digest is None and local.is_dir():
-            digest = hashlib.sha256()
-            for weights in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
-                with open(weights, "rb") as handle:
-                    for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                        digest.update(block)
-            self._weights_digest = digest.hexdigest()
+            self._weights_digest = file_sha256(*sorted(local.glob("*.safetensors")), *sorted(local.glob("*.bin")))
         return self._weights_digest
 
 
@@ -381,7 +364,7 @@ class _PassState:
         self.failed.add(index)
         self.selections.pop(index, None)
         result = ungroundable_result(len(request.phrases), DropReason.STAGE_ERROR)
-        result.info["error"] = f"{type(error).__name__}: {error}"
+        result.error = f"grounding-dino: {type(error).__name__}: {error}"
         self.results[index] = result
 
 
@@ -416,8 +399,3 @@ def is_standard_processor(processor: Any) -> bool:
         and getattr(processor, "pad_size", None) is None
         and not getattr(processor, "do_center_crop", False)
     )
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -163,7 +163,7 @@ class Serialized:
     escaped_control_strings: int = 0
 
 
-def _trimmed(start: int, end: int, caption: str) -> tuple[int, int]:
+def trim_span(start: int, end: int, caption: str) -> tuple[int, int]:
     """(start, end) without surrounding whitespace; start == end when nothing is left."""
     if start == end or not (caption[start].isspace() or caption[end - 1].isspace()):
         return start, end
@@ -185,7 +185,7 @@ def group_entries(entries: list[GroundedSpan], caption: str, grid: int,
         if span.end > n:
             dropped[DropReason.SPAN_OUT_OF_CAPTION] += 1
             continue
-        key = _trimmed(span.start, span.end, caption)
+        key = trim_span(span.start, span.end, caption)
         if key[0] == key[1]:
             dropped[DropReason.EMPTY_SPAN] += 1
             continue
@@ -203,17 +203,15 @@ def group_entries(entries: list[GroundedSpan], caption: str, grid: int,
     return groups
 
 
-def select_spans(spans: list[tuple[int, int]], dropped: Counter[DropReason]) -> list[tuple[int, int]]:
-    """Leftmost-longest non-overlapping (start, end) spans in caption order; contained and crossing counted."""
-    kept: list[tuple[int, int]] = []
-    last_end = -1
-    for start, end in sorted(spans, key=lambda s: (s[0], -s[1])):
-        if start < last_end:
-            inside = end <= last_end
-            dropped[DropReason.CONTAINED_SPAN if inside else DropReason.CROSSING_SPAN] += 1
+def select_spans(spans: list[Span], dropped: Counter[DropReason]) -> list[Span]:
+    """Leftmost-longest non-overlapping spans in caption order; a span overlapping the last kept one is dropped,
+    as CONTAINED_SPAN when that one contains it (`Span.contains`, the paper's rule), else as CROSSING_SPAN."""
+    kept: list[Span] = []
+    for span in sorted(spans, key=lambda s: (s.start, -s.end)):
+        if kept and span.start < kept[-1].end:
+            dropped[DropReason.CONTAINED_SPAN if kept[-1].contains(span) else DropReason.CROSSING_SPAN] += 1
             continue
-        kept.append((start, end))
-        last_end = end
+        kept.append(span)
     return kept
 
 
@@ -259,6 +257,12 @@ def render(caption: str, entities: list[Entity], token_format: TokenFormat) -> s
     return "".join(parts)
 
 
+def serialized_entries(record: GritRecord, config: SerializeConfig) -> list[GroundedSpan]:
+    """The entries whose spans are serialised: `ref_exps` in expression mode (when the record has them), else
+    `noun_chunks`."""
+    return record.ref_exps if config.mode is SpanMode.EXPRESSION and record.ref_exps else record.noun_chunks
+
+
 def serialize_record(record: GritRecord, config: SerializeConfig | None = None) -> Serialized:
     """Grounded text for a record in the configured spelling and span mode."""
     config = config or SerializeConfig()
@@ -269,11 +273,9 @@ def serialize_record(record: GritRecord, config: SerializeConfig | None = None) 
         return Serialized(None, dropped=dropped, drop_reason=DropReason.CONTROL_TOKEN_IN_CAPTION)
     if "<" in caption or ">" in caption:
         caption = sanitize_caption(caption)
-    use_expressions = config.mode is SpanMode.EXPRESSION and record.ref_exps
-    entries = record.ref_exps if use_expressions else record.noun_chunks
-    groups = group_entries(entries, caption, config.grid, dropped)
-    spans = select_spans(list(groups), dropped)
-    entities = [Entity(Span(*key), tuple(groups[key])) for key in spans]
+    groups = group_entries(serialized_entries(record, config), caption, config.grid, dropped)
+    spans = select_spans([Span(*key) for key in groups], dropped)
+    entities = [Entity(span, tuple(groups[span.start, span.end])) for span in spans]
     if not entities:
         return Serialized(None, dropped=dropped, drop_reason=DropReason.NO_SPAN_SERIALISED,
                           escaped_control_strings=control_strings)

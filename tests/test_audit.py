@@ -29,12 +29,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def run_small_build(root: Path, shards: int = SHARDS, per_shard: int = PER_SHARD) -> Path:
     """A real `grit build` (local runner, annotation grounder) of synthetic scenes; returns the output folder."""
     from grit_pipeline.build import run_build
-    from grit_pipeline.commands.build import make_config
+    from grit_pipeline.config import build_config
 
     scenes = write_scene_folder(generate_scenes(shards * per_shard, seed=11), root / "scenes").parent
-    config = make_config((str(scenes),), str(root / "out"), grounder="annotations", detector=None,
-                         box_threshold=None, nms_iou=None, spacy_model=None, mode="expression",
-                         gpus_per_grounder=0.0, runner="local", samples_per_shard=per_shard)
+    config = build_config((str(scenes),), str(root / "out"), grounder="annotations", runner="local",
+                          samples_per_shard=per_shard)
     result = run_build(config, stream=io.StringIO())
     assert result.ok and result.manifest["totals"]["kept"] == shards * per_shard
     return root / "out"
@@ -305,3 +304,19 @@ def test_oversized_member_is_reported_not_read(built: Path, monkeypatch: pytest.
     assert too_large and all(".jpg'" in f.message and "not read" in f.message for f in too_large)
     lost = [f for f in findings if f.check is Check.SAMPLE_FILES]
     assert len(lost) == len(too_large) and all("missing ['jpg']" in f.message for f in lost)
+
+
+def test_truncated_tar_and_duplicate_member_are_found(built: Path) -> None:
+    last_key = _keys(built, "00001")[-1]
+    with tarfile.open(built / "shards" / "00001.tar", "a") as tar:
+        _add(tar, f"{last_key}.txt", b"a second text")  # next to the first: the same sample
+    _refresh_manifest(built, "00001")
+    path = built / "shards" / "00000.tar"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    _refresh_manifest(built, "00000")
+    findings = audit_build(built).findings
+    assert [(f.check, f.shard, f.key) for f in findings if f.shard == "00001.tar"] == [
+        (Check.MEMBER_NAME, "00001.tar", last_key)]
+    assert "duplicate member" in next(f.message for f in findings if f.check is Check.MEMBER_NAME)
+    broken = {f.check for f in findings if f.shard == "00000.tar"}
+    assert {Check.SHARD_UNREADABLE, Check.SHARD_COUNT} <= broken

@@ -59,6 +59,7 @@ def test_rerun_replaces_the_previous_demo(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # starts Ray
 def test_demo_on_ray_writes_the_same_shards_as_the_local_runner(tmp_path: Path) -> None:
     def shard_digests(runner: str) -> list[str]:
         config = DemoConfig(out_dir=str(tmp_path / "demo"), synthetic_scenes=8, runner=runner)

@@ -63,6 +63,7 @@ def _chromium() -> str | None:
     return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
 
 
+@pytest.mark.integration  # runs headless Chromium
 def test_gallery_renders_non_blank_in_headless_chromium(built: Path, tmp_path: Path) -> None:
     from PIL import Image
 

@@ -161,5 +161,6 @@ def test_grit_rows_map_to_spacy_phrases_by_span():
     assert [len(b) for b in result.boxes] == [2, 1]
 
 
-def test_grounder_describes_itself():
-    assert AnnotationGrounder().describe()["nms_iou"] is None
+def test_grounder_describes_the_filter_it_applies():
+    info = AnnotationGrounder(AnnotationConfig(box_threshold=0.3, nms_iou=0.5)).describe()  # the manifest's record
+    assert info["grounder"] == "annotations" and (info["box_threshold"], info["nms_iou"]) == (0.3, 0.5)

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import gc
 import random
-from collections.abc import Callable
 from typing import Any
 
-from grit_pipeline.benchmarks.timing import best_seconds, pin_to_one_core
+from grit_pipeline.benchmarks.timing import best_rates, pin_to_one_core
 from grit_pipeline.records import Box, GritRecord, GroundedSpan, Span
 from grit_pipeline.samples import cycle_to, load_caption_sample
-
-
-def best_rate(run: Callable[[], Any], items: int, repeats: int) -> float:
-    """Items per second of the fastest of `repeats` runs."""
-    return items / best_seconds(run, repeats)
 
 
 def bench_text_stage(n: int, batch_size: int, naive_n: int, repeats: int) -> dict[str, Any]:
@@ -27,21 +21,20 @@ def bench_text_stage(n: int, batch_size: int, naive_n: int, repeats: int) -> dic
     nlp = extractor.nlp
     extractor(captions[:200])  # warm-up: first batches allocate
 
-    def raw() -> None:
+    def raw() -> int:
         for _ in nlp.pipe(captions, batch_size=batch_size):
             pass
+        return n
 
-    def stage() -> None:
+    def stage() -> int:
         # Streamed batch by batch and consumed, as the pipeline runs it (nothing accumulates).
         for _ in extractor.iter_phrases(captions):
             pass
+        return n
 
-    rates: dict[str, float] = {"stage": 0.0, "raw": 0.0}
-    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
-        rates["raw"] = max(rates["raw"], best_rate(raw, n, 1))
-        rates["stage"] = max(rates["stage"], best_rate(stage, n, 1))
+    rates = best_rates({"raw": raw, "stage": stage}, repeats)
     naive_captions = captions[:naive_n]
-    naive = best_rate(lambda: [nlp(c) for c in naive_captions], len(naive_captions), 1)
+    naive = best_rates({"naive": lambda: len([nlp(c) for c in naive_captions])}, 1)["naive"]
     return {
         "bench": "text",
         "n": n,
@@ -92,12 +85,13 @@ def bench_serializer(n: int, token_format: str, mode: str, repeats: int) -> dict
     gc.collect()
     gc.freeze()
 
-    def run() -> None:
+    def run() -> int:
         for record in records:
             serialize_record(record, config)
+        return n
 
     try:
-        rate = best_rate(run, n, repeats)
+        rate = best_rates({"serialize": run}, repeats)["serialize"]
     finally:
         gc.unfreeze()
     return {

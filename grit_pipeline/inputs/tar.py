@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -35,10 +36,25 @@ class TarGroup:
     problems: list[str] = field(default_factory=list)
 
 
-def iter_tar_groups(path: str, errors: list[str], wanted: frozenset[str] | None = None) -> Iterator[TarGroup]:
+def iter_tar_groups(
+    path: str | Path,
+    errors: list[str],
+    wanted: frozenset[str] | None = None,
+    *,
+    skipped: list[str] | None = None,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
+) -> Iterator[TarGroup]:
     """Consecutive members sharing a key, as webdataset groups them; read errors go to `errors`, never raise.
 
-    A truncated or corrupt tar yields what was readable before the damage. Only regular files are read.
+    A truncated or corrupt tar yields what was readable before the damage (a group whose first member broke
+    off is not yielded). Only regular files are read: folder entries are passed over; a member that is not a
+    regular file, a file over `max_member_bytes` and a second member with the same extension are not read,
+    each a problem of its group (an input sample carries them in its error message).
+
+    With `skipped` (the audit of a build's own shards, which hold nothing but plain `KEY.ext` files): every
+    member that is not a regular file with a plain top-level name (no folder, backslash or leading dot), and
+    every file over `max_member_bytes`, is skipped before grouping (it neither starts nor ends a group) and
+    its problem is appended to `skipped`.
     """
     group: TarGroup | None = None
     count = 0
@@ -46,6 +62,13 @@ def iter_tar_groups(path: str, errors: list[str], wanted: frozenset[str] | None 
         with tarfile.open(path, mode="r|*") as tar:
             for member in tar:
                 count += 1
+                if skipped is not None:
+                    problem = member_problem(member, max_member_bytes, plain_name=True)
+                    if problem is not None:
+                        skipped.append(problem)
+                        continue
+                elif member.isdir():
+                    continue
                 key, ext = split_member_name(member.name)
                 if group is not None and key != group.key:
                     yield group
@@ -54,31 +77,32 @@ def iter_tar_groups(path: str, errors: list[str], wanted: frozenset[str] | None 
                     continue
                 if group is None:
                     group = TarGroup(key)
-                _add_member(tar, member, ext, group)
-    except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+                _add_member(tar, member, ext, group, max_member_bytes)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         errors.append(f"{Path(path).name}: unreadable after {count} members: {type(exc).__name__}: {exc}")
-    if group is not None:
+    if group is not None and (group.members or group.problems):  # empty: its first member broke off
         yield group
 
 
-def zlib_error() -> type[Exception]:
-    """zlib.error (a compressed tar with a bad stream), importable without naming zlib everywhere."""
-    import zlib
-
-    return zlib.error
-
-
-def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, group: TarGroup) -> None:
-    if member.isdir():
-        return
+def member_problem(member: tarfile.TarInfo, max_member_bytes: int, plain_name: bool = False) -> str | None:
+    """Why a member is not read (not a regular file, too large; with `plain_name`, not a top-level `KEY.ext`)."""
     if not member.isfile():
-        group.problems.append(f"non-regular member {member.name!r} ignored")
-        return
-    if ext in group.members:
-        group.problems.append(f"duplicate member {member.name!r} ignored")
-        return
-    if member.size > MAX_MEMBER_BYTES:
-        group.problems.append(f"member {member.name!r} of {member.size} bytes is too large")
+        return f"non-regular member {member.name!r} ignored"
+    if plain_name and ("/" in member.name or "\\" in member.name or member.name.startswith(".")):
+        return f"member name {member.name!r} is not a plain top-level file name"
+    if member.size > max_member_bytes:
+        return f"member {member.name!r} of {member.size} bytes is too large, not read"
+    return None
+
+
+def _add_member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, group: TarGroup, max_member_bytes: int
+) -> None:
+    problem = member_problem(member, max_member_bytes)
+    if problem is None and ext in group.members:
+        problem = f"duplicate member {member.name!r} ignored"
+    if problem is not None:
+        group.problems.append(problem)
         return
     handle = tar.extractfile(member)
     data = handle.read() if handle is not None else b""
