@@ -43,7 +43,7 @@ class BuildConfig:
     images_dir: str | None = None
     samples_per_shard: int = 10_000
     key_digits: int = 6
-    batch_size: int = 64
+    stage_batch_size: int = 64
     grounder_workers: int = 1
     gpus_per_grounder: float = 0.0
     progress_interval: float = 10.0
@@ -64,7 +64,7 @@ class BuildConfig:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
         if self.ray_engine not in RAY_ENGINES:
             raise ValueError(f"ray_engine must be one of {RAY_ENGINES}, got {self.ray_engine!r}")
-        for name in ("samples_per_shard", "batch_size", "grounder_workers"):
+        for name in ("samples_per_shard", "stage_batch_size", "grounder_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.key_digits <= 12:
@@ -147,7 +147,7 @@ _OPTION_PATHS: dict[str, tuple[tuple[str, str], ...]] = {
     "detector": (("grounding", "detector"),),
     "box_threshold": (("grounding", "box_threshold"), ("annotations", "box_threshold")),
     "nms_iou": (("grounding", "nms_iou"), ("annotations", "nms_iou")),
-    "detector_batch_size": (("grounding", "batch_size"),),
+    "passes_per_forward": (("grounding", "passes_per_forward"),),
     "device": (("grounding", "device"),),
     "dtype": (("grounding", "dtype"),),
     "offline": (("grounding", "local_files_only"),),

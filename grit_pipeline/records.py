@@ -312,12 +312,12 @@ def write_grit_parquet(records: Iterable[GritRecord], path: str) -> None:
         pq.write_table(table, tmp)
 
 
-def iter_grit_parquet(path: str, batch_size: int = 4096) -> Iterator[dict[str, Any]]:
+def iter_grit_parquet(path: str, rows_per_read: int = 4096) -> Iterator[dict[str, Any]]:
     """Yield the rows of a GRIT-20M parquet file as dicts (not yet validated), batch by batch."""
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
-    for batch in parquet.iter_batches(batch_size=batch_size):
+    for batch in parquet.iter_batches(batch_size=rows_per_read):
         yield from batch.to_pylist()
 
 

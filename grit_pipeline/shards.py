@@ -55,11 +55,12 @@ def shard_name(index: int) -> str:
     return f"{index:0{SHARD_NAME_DIGITS}d}"
 
 
-def sample_key(shard: int, position: int, key_digits: int) -> str:
-    """The output key of the sample at `position` of input shard `shard`: digits only, unique in the output."""
+def sample_key(shard_index: int, position: int, key_digits: int) -> str:
+    """The output key of the sample at `position` of input shard number `shard_index`: digits only, unique in
+    the output."""
     if position >= 10**key_digits:
-        raise ValueError(f"shard {shard} has more than 10**{key_digits} samples; raise key_digits")
-    return f"{shard * 10**key_digits + position:0{SHARD_NAME_DIGITS + key_digits}d}"
+        raise ValueError(f"shard {shard_index} has more than 10**{key_digits} samples; raise key_digits")
+    return f"{shard_index * 10**key_digits + position:0{SHARD_NAME_DIGITS + key_digits}d}"
 
 
 UNKNOWN_ID = -1

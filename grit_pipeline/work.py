@@ -27,7 +27,7 @@ T = TypeVar("T")
 class WorkItem:
     """One sample on its way through the stages; `drop_reason` set means later stages leave it alone."""
 
-    shard: int
+    shard_index: int
     position: int
     key: str
     sample: InputSample
@@ -98,27 +98,27 @@ class WorkItem:
 class ShardHeader:
     """What reading an input shard produced besides samples: its size, source and read errors."""
 
-    shard: int
+    shard_index: int
     count: int
     source: dict[str, Any]
     errors: tuple[str, ...] = ()
     failure: str | None = None
 
 
-def read_shard(index: int, shard: InputShard, key_digits: int) -> tuple[ShardHeader, list[WorkItem]]:
-    """Read input shard `shard` as output shard `index`: a header and one WorkItem per input sample."""
-    source = shard.describe()
+def read_shard(shard_index: int, input_shard: InputShard, key_digits: int) -> tuple[ShardHeader, list[WorkItem]]:
+    """Read `input_shard` as output shard `shard_index`: a header and one WorkItem per input sample."""
+    source = input_shard.describe()
     try:
-        contents = shard.read()
+        contents = input_shard.read()
     except Exception as exc:  # an unreadable shard fails alone; the run goes on with the others
-        return ShardHeader(index, 0, source, failure=f"read failed: {type(exc).__name__}: {exc}"), []
-    items = [intake(index, position, sample, source, key_digits) for position, sample in enumerate(contents.samples)]
-    return ShardHeader(index, len(items), source, tuple(contents.errors)), items
+        return ShardHeader(shard_index, 0, source, failure=f"read failed: {type(exc).__name__}: {exc}"), []
+    items = [intake(shard_index, position, sample, source, key_digits) for position, sample in enumerate(contents.samples)]
+    return ShardHeader(shard_index, len(items), source, tuple(contents.errors)), items
 
 
-def intake(shard: int, position: int, sample: InputSample, source: dict[str, Any], key_digits: int) -> WorkItem:
+def intake(shard_index: int, position: int, sample: InputSample, source: dict[str, Any], key_digits: int) -> WorkItem:
     """A WorkItem for an input sample, dropped at once when it has no caption or no image."""
-    item = WorkItem(shard, position, sample_key(shard, position, key_digits), sample,
+    item = WorkItem(shard_index, position, sample_key(shard_index, position, key_digits), sample,
                     {"input": source["path"], "shard": source["name"], "member": sample.member},
                     error_message=sample.error_message)
     if sample.caption is None:
@@ -199,10 +199,10 @@ def batched(items: Sequence[T], size: int) -> list[list[T]]:
     return [list(items[start : start + size]) for start in range(0, len(items), size)]
 
 
-def shard_batches(items: Sequence[WorkItem], batch_size: int) -> list[list[WorkItem]]:
-    """A shard's items in consecutive batches of `batch_size` from its start: the pipeline's batches.
+def shard_batches(items: Sequence[WorkItem], stage_batch_size: int) -> list[list[WorkItem]]:
+    """A shard's items in consecutive batches of `stage_batch_size` from its start: the pipeline's batches.
 
     Every runner uses exactly these batches, so a stage whose output depends on its batch-mates (a
     detector's padding) computes the same thing wherever and however often it runs.
     """
-    return batched(items, batch_size)
+    return batched(items, stage_batch_size)

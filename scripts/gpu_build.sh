@@ -50,7 +50,7 @@ grounding = GroundingConfig(detector=str(detector), box_threshold=0.2, device="c
 
 def build(runner: str) -> dict:
     config = BuildConfig(inputs=(str(inputs),), out_dir=str(root / runner), grounder="grounding-dino",
-                         runner=runner, samples_per_shard=100, batch_size=32,
+                         runner=runner, samples_per_shard=100, stage_batch_size=32,
                          gpus_per_grounder=1.0 if cuda and runner == "ray" else 0.0, grounding=grounding,
                          progress_interval=30.0)
     result = run_build(config)

@@ -210,7 +210,7 @@ def run_batch_size(model, tokenizer, image_processor, grounder, batch_size: int,
     requests = []
     if grounder is not None:
         requests = _requests(images)
-        grounder.config = dataclasses.replace(grounder.config, batch_size=batch_size)  # the same batches
+        grounder.config = dataclasses.replace(grounder.config, passes_per_forward=batch_size)  # the same batches
         grounder.ground(requests[: 2 * batch_size])  # warm-up (pinned memory, streams)
         runs["stage"] = lambda: grounder.ground(requests)
     best = dict.fromkeys(runs, float("inf"))
@@ -307,7 +307,7 @@ def cpu_profile(batch_size: int = 16, count: int = 64) -> dict:
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
-        config = module.GroundingConfig(detector=str(build_tiny_grounding_dino(folder)), batch_size=batch_size,
+        config = module.GroundingConfig(detector=str(build_tiny_grounding_dino(folder)), passes_per_forward=batch_size,
                                         device="cpu", preprocess_threads=1)
         grounder = module.GroundingDinoGrounder(config)
     grounder.image_processor = GroundingDinoImageProcessorPil()  # grounding-dino-tiny's 800/1333 resizing

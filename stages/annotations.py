@@ -94,14 +94,14 @@ def _singular_forms(word: str) -> list[str]:
     return forms
 
 
-def normalise_name(name: str) -> str:
+def normalize_name(name: str) -> str:
     """Lower case, '_' and '-' as spaces, whitespace collapsed."""
     return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
 
 def word_forms(name: str) -> frozenset[str]:
     """The name and its naive singulars."""
-    return frozenset(_singular_forms(normalise_name(name)))
+    return frozenset(_singular_forms(normalize_name(name)))
 
 
 def concepts(name: str) -> frozenset[str]:
@@ -124,7 +124,7 @@ def match_category(category: str, phrases: Sequence[Any], caption: str) -> list[
     box goes to each of them (repeated mentions of one thing). Otherwise synonym matches are used only when
     they all share one head word: "person" in "a man and a woman" could be either, so it is not bound.
     """
-    name = normalise_name(category)
+    name = normalize_name(category)
     heads = [_head_of(p, caption) for p in phrases]
     exact = [
         i

@@ -27,7 +27,7 @@ class GroundingConfig:
     detector: str = DEFAULT_DETECTOR
     box_threshold: float = BOX_THRESHOLD_DEFAULT
     nms_iou: float | None = NMS_IOU_DEFAULT
-    batch_size: int = 8
+    passes_per_forward: int = 8
     device: str = "auto"
     dtype: str = "auto"
     max_text_tokens: int = 256
@@ -38,8 +38,8 @@ class GroundingConfig:
 
     def __post_init__(self) -> None:
         self.box_filter()  # validates the thresholds
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.passes_per_forward < 1:
+            raise ValueError(f"passes_per_forward must be >= 1, got {self.passes_per_forward}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.max_text_tokens < 4:

@@ -105,7 +105,7 @@ class GroundingDinoGrounder:
         from concurrent.futures import ThreadPoolExecutor
 
         state = _PassState(plans)
-        chunks = batched([(i, p) for i, plan in plans.items() for p in plan.passes], self.config.batch_size)
+        chunks = batched([(i, p) for i, plan in plans.items() for p in plan.passes], self.config.passes_per_forward)
         with contextlib.ExitStack() as stack:
             resize_pool = None
             if self.fast_preprocessing and self.preprocess_threads > 1:
@@ -265,9 +265,9 @@ class GroundingDinoGrounder:
         rows = torch.arange(height, device=pixels_hwc.device)[None, :, None] < sizes[:, 0, None, None]
         columns = torch.arange(width, device=pixels_hwc.device)[None, None, :] < sizes[:, 1, None, None]
         pixel_mask = (rows & columns).long()
-        return self._normalise(pixels_hwc.permute(0, 3, 1, 2), pixel_mask), pixel_mask
+        return self._normalize(pixels_hwc.permute(0, 3, 1, 2), pixel_mask), pixel_mask
 
-    def _normalise(self, pixels_uint8: Any, pixel_mask: Any) -> Any:
+    def _normalize(self, pixels_uint8: Any, pixel_mask: Any) -> Any:
         """Rescale and normalise like the processor; padding stays 0 (the processor pads after normalising).
 
         One strided pass makes contiguous float32 (batch, 3, H, W) values; the rest is in place.

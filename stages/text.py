@@ -52,15 +52,15 @@ class TextConfig:
     """Configuration of the text stages (spaCy model, batching and the chunk filters)."""
 
     spacy_model: str = DEFAULT_SPACY_MODEL
-    batch_size: int = 256
+    pipe_batch_size: int = 256
     abstract_nouns: tuple[str, ...] = ABSTRACT_NOUNS
     filter_abstract: bool = True
     filter_non_visual: bool = True
     max_caption_chars: int = 10_000
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+        if self.pipe_batch_size < 1:
+            raise ValueError("pipe_batch_size must be >= 1")
         if self.max_caption_chars < 1:
             raise ValueError("max_caption_chars must be >= 1")
         object.__setattr__(self, "abstract_nouns", tuple(w.strip().lower() for w in self.abstract_nouns if w.strip()))
@@ -69,7 +69,7 @@ class TextConfig:
         """A JSON-ready dict of this config."""
         return {
             "spacy_model": self.spacy_model,
-            "batch_size": self.batch_size,
+            "pipe_batch_size": self.pipe_batch_size,
             "abstract_nouns": list(self.abstract_nouns),
             "filter_abstract": self.filter_abstract,
             "filter_non_visual": self.filter_non_visual,
@@ -274,7 +274,7 @@ class PhraseExtractor:
                 else:
                     yield caption, None
 
-        for doc, reason in self.nlp.pipe(guarded(), batch_size=self.config.batch_size, as_tuples=True):
+        for doc, reason in self.nlp.pipe(guarded(), batch_size=self.config.pipe_batch_size, as_tuples=True):
             if reason is not None:
                 yield CaptionPhrases(drop_reason=reason)
             else:

@@ -278,7 +278,7 @@ def _records(draw: st.DrawFn):
 
 @settings(max_examples=60, deadline=None)
 @given(record=_records())
-def test_serialised_records_audit_clean_and_any_edit_of_the_text_is_found(record) -> None:
+def test_serialized_records_audit_clean_and_any_edit_of_the_text_is_found(record) -> None:
     from grit_pipeline.manifests.sample_checks import AuditOptions, audit_sample
     from grit_pipeline.stages.serialize import serialize_record
 

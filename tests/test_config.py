@@ -15,15 +15,15 @@ def _config(**options) -> BuildConfig:
 
 
 def test_round_trip_through_dict():
-    config = _config(grounder="annotations", runner="local", batch_size=7)
+    config = _config(grounder="annotations", runner="local", stage_batch_size=7)
     assert BuildConfig.from_dict(config.to_dict()) == config
 
 
 def test_invalid_values_are_refused():
     with pytest.raises(ValueError, match="grounder"):
         _config(grounder="glip")
-    with pytest.raises(ValueError, match="batch_size"):
-        _config(batch_size=0)
+    with pytest.raises(ValueError, match="stage_batch_size"):
+        _config(stage_batch_size=0)
     with pytest.raises(ValueError, match="input"):
         BuildConfig(inputs=(), out_dir="out")
 
@@ -35,7 +35,7 @@ def test_fingerprint_ignores_where_and_how_fast_but_not_what_is_written():
         _config(grounding=dataclasses.replace(GroundingConfig(), preprocess_threads=3, local_files_only=True)),
     ]
     different = [
-        _config(batch_size=32),
+        _config(stage_batch_size=32),
         _config(grounding=dataclasses.replace(GroundingConfig(), box_threshold=0.5)),
         _config(grounding=dataclasses.replace(GroundingConfig(), dtype="float32")),
         _config(inputs=("other",)),
@@ -74,14 +74,14 @@ def test_a_saved_config_reaches_every_stage_field_and_flags_override_it(tmp_path
 
     folder = write_scene_folder(generate_scenes(2, seed=1, size=(48, 48)), tmp_path / "in").parent
     config = {"inputs": [str(folder)], "out_dir": str(tmp_path / "out"), "grounder": "annotations",
-              "runner": "local", "image": {"jpeg_quality": 80}, "text": {"batch_size": 3},
+              "runner": "local", "image": {"jpeg_quality": 80}, "text": {"pipe_batch_size": 3},
               "serialize": {"mode": "phrase"}}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     result = CliRunner().invoke(main, ["build", "--config", str(path), "--mode", "expression"])
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["config"]
-    assert saved["image"]["jpeg_quality"] == 80 and saved["text"]["batch_size"] == 3
+    assert saved["image"]["jpeg_quality"] == 80 and saved["text"]["pipe_batch_size"] == 3
     assert saved["serialize"]["mode"] == "expression"  # the flag wins over the file
     rerun = CliRunner().invoke(main, ["build", "--config", str(tmp_path / "out" / "config.json")])
     assert rerun.exit_code == 0 and "1 skipped" in rerun.output  # the saved config resumes its own build

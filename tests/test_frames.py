@@ -43,7 +43,7 @@ from grit_pipeline.stages.frames import (
 )
 
 
-def _normalised(box: tuple[int, int, int, int], width: int, height: int) -> list[float]:
+def _normalized(box: tuple[int, int, int, int], width: int, height: int) -> list[float]:
     return list(Box.from_pixels(*box, width, height).as_tuple())
 
 
@@ -136,7 +136,7 @@ def _captions_folder(folder: Path) -> dict[str, dict]:
             if convention == "upright":  # boxes measured on the upright image, as its size says
                 boxes = {n: list(colour_box(upright, COLOURS[n]).as_tuple()) for n in squares}
             else:
-                boxes = {n: _normalised(b, 140, 90) for n, b in squares.items()}
+                boxes = {n: _normalized(b, 140, 90) for n, b in squares.items()}
             line = {"key": key, "image": f"{key}.jpg", "caption": CAPTION,
                     "annotations": [{"category": "square", "box": boxes[n], "span": list(SPANS[n])} for n in squares]}
             if size is not None:
@@ -156,7 +156,7 @@ def _img2dataset_folder(folder: Path) -> dict[str, dict]:
                        "blue": (0, height // 2 + 30, 30, height // 2 + 70)}  # left edge: cut from landscapes
             original = square_scene(width, height, squares)
             stored = resize_like_img2dataset(original, mode, 128)
-            boxes = {n: _normalised(b, width, height) for n, b in squares.items()}
+            boxes = {n: _normalized(b, width, height) for n, b in squares.items()}
             extra = {"id": len(samples), "noun_chunks": grit_entries(boxes), "ref_exps": grit_entries(boxes)}
             cropped = mode == "center_crop" and width > height
             samples.append(Img2DatasetSample(CAPTION, f"https://example.com/{mode}-{width}.jpg", jpeg_bytes(stored),
@@ -166,7 +166,7 @@ def _img2dataset_folder(folder: Path) -> dict[str, dict]:
     # the original bytes kept by img2dataset (resize_mode no, skip_reencode): EXIF 6 stored upright
     squares = {"red": (20, 10, 60, 40), "blue": (100, 50, 130, 80)}
     raw = square_scene(160, 100, squares)
-    boxes = {n: _normalised(b, 160, 100) for n, b in squares.items()}
+    boxes = {n: _normalized(b, 160, 100) for n, b in squares.items()}
     samples.append(Img2DatasetSample(CAPTION, "https://example.com/exif6.jpg", jpeg_bytes(raw, 6), 160, 100,
                                      {"id": 90, "noun_chunks": grit_entries(boxes), "ref_exps": grit_entries(boxes)},
                                      None, 160, 100))
@@ -244,7 +244,7 @@ def test_grit_parquet_rows_with_border_resized_downloads(tmp_path: Path) -> None
 
     squares = {"red": (40, 30, 90, 80), "blue": (150, 100, 190, 140)}
     raw = square_scene(240, 160, squares)
-    boxes = {n: _normalised(b, 240, 160) for n, b in squares.items()}
+    boxes = {n: _normalized(b, 240, 160) for n, b in squares.items()}
     stored = resize_like_img2dataset(raw, "border", 128)
     samples = [Img2DatasetSample(CAPTION, f"https://example.com/{i}.jpg", jpeg_bytes(stored), 128, 128, {"id": i},
                                  None, 240, 160) for i in range(2)]

@@ -42,7 +42,7 @@ def test_a_detector_error_reaches_the_samples_error_message(tmp_path: Path, monk
 
     monkeypatch.setattr(GroundingDinoGrounder, "_forward_raw", forward_raw)
     config = BuildConfig(inputs=(str(_captions_folder(tmp_path / "in")),), out_dir=str(tmp_path / "out"),
-                         grounder="grounding-dino", runner="local", samples_per_shard=8, batch_size=4,
+                         grounder="grounding-dino", runner="local", samples_per_shard=8, stage_batch_size=4,
                          grounding=GroundingConfig(detector=str(detector), box_threshold=0.0, device="cpu"))
     result = run_build(config)
     assert result.ok

@@ -33,7 +33,7 @@ def _ground(caption, phrases, annotations=None, record=None, config=None):
     return AnnotationGrounder(config).ground([request])[0]
 
 
-def test_parse_normalised_and_coco_pixel_boxes():
+def test_parse_normalized_and_coco_pixel_boxes():
     obj = {"annotations": [
         {"category": "dog", "box": [0.1, 0.2, 0.5, 0.6], "score": 0.9, "span": [2, 5]},
         {"category": "person", "bbox": [10, 20, 30, 40]},
@@ -141,7 +141,7 @@ def _grit_row() -> GritRecord:
     )
 
 
-def test_grit_rows_are_reserialised_with_their_own_phrases():
+def test_grit_rows_are_reserialized_with_their_own_phrases():
     record = _grit_row()
     phrases = phrases_from_record(record)
     assert [(p.chunk, p.expression, p.head) for p in phrases] == [

@@ -37,7 +37,7 @@ def tiny_detector(tmp_path_factory) -> str:
 def keep_all(tiny_detector) -> GroundingDinoGrounder:
     """Threshold 0 and no NMS: every predicted box survives, which exposes the assignment."""
     return GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0, nms_iou=None,
-                                                 batch_size=4))
+                                                 passes_per_forward=4))
 
 
 def _phrases(caption: str, *chunks: str) -> list[Phrase]:
@@ -96,7 +96,7 @@ def test_long_captions_are_split_into_passes_within_256_tokens(keep_all):
 
 
 def test_same_result_batched_or_alone_for_same_size_images(tiny_detector):
-    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.3, batch_size=8))
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.3, passes_per_forward=8))
     caption = "a man with a hat"
     phrases = _phrases(caption, "a man", "a hat")
     requests = [_request(caption, phrases, _image(72, 56, seed), key=str(seed)) for seed in range(3)]
@@ -111,7 +111,7 @@ def test_same_result_batched_or_alone_for_same_size_images(tiny_detector):
 
 
 def test_mixed_sizes_share_a_padded_forward(tiny_detector):
-    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0, batch_size=8))
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0, passes_per_forward=8))
     caption = "a cat on a bed"
     phrases = _phrases(caption, "a cat", "a bed")
     requests = [_request(caption, phrases, _image(w, h, w), key=str(w)) for w, h in ((40, 90), (120, 50), (64, 64))]
@@ -254,7 +254,7 @@ def test_grit_ground_with_annotations(tmp_path):
 def test_bench_detector_reports_both_rates(tiny_detector):
     from grit_pipeline.benchmarks.detector import run_detector_bench
 
-    report = run_detector_bench(detector=tiny_detector, n_images=4, batch_size=2, device="cpu", repeats=1)
+    report = run_detector_bench(detector=tiny_detector, n_images=4, passes_per_forward=2, device="cpu", repeats=1)
     assert report["items_per_s"] > 0 and report["baseline_items_per_s"] > 0
     assert report["ratio"] == pytest.approx(report["items_per_s"] / report["baseline_items_per_s"], rel=0.02)
     assert report["text_passes"] == 4
@@ -307,7 +307,7 @@ class _FailingModel:
 
 
 def test_a_failed_batch_is_retried_pass_by_pass(tiny_detector, monkeypatch):
-    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0, batch_size=4))
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0, passes_per_forward=4))
     caption = "a dog on a bed"
     requests = [_request(caption, _phrases(caption, "a dog", "a bed"), _image(64, 64, s), key=str(s)) for s in range(3)]
     expected = grounder.ground(requests)
@@ -318,7 +318,7 @@ def test_a_failed_batch_is_retried_pass_by_pass(tiny_detector, monkeypatch):
 
 
 def test_a_request_whose_own_pass_fails_is_dropped_with_stage_error(tiny_detector, monkeypatch):
-    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0, batch_size=4))
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0, passes_per_forward=4))
     caption = "a dog on a bed"
     phrases = _phrases(caption, "a dog", "a bed")
     poison = Image.new("RGB", (64, 64), (0, 0, 0))  # flat pixels mark the request to fail
@@ -346,7 +346,7 @@ def test_stage_equals_the_reference_logic_on_its_own_forward(tiny_detector, nms_
     from grit_pipeline.work import batched
 
     grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.3, nms_iou=nms_iou,
-                                                     batch_size=3, max_text_tokens=12))
+                                                     passes_per_forward=3, max_text_tokens=12))
     captions = ["a dog and a cat and a dog", "two children and a puppy on a red sofa near the window", "a man"]
     requests = []
     for seed, caption in enumerate(captions):
@@ -387,7 +387,7 @@ def test_cuda_stage_matches_the_cpu_stage(tiny_detector):
     results = {}
     for device in ("cpu", "cuda"):
         grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, box_threshold=0.0, nms_iou=None,
-                                                         batch_size=3, device=device, dtype="float32"))
+                                                         passes_per_forward=3, device=device, dtype="float32"))
         results[device] = grounder.ground(requests)
     for on_cpu, on_cuda in zip(results["cpu"], results["cuda"], strict=True):
         scores_cpu = sorted(b.score for boxes in on_cpu.boxes for b in boxes)
@@ -401,7 +401,7 @@ def test_forward_i_runs_while_i_plus_1_is_prepared_and_i_minus_1_collected(tiny_
     have started, which only concurrent work satisfies; run in sequence, the waits would time out."""
     import threading
 
-    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, batch_size=1, box_threshold=0.0))
+    grounder = GroundingDinoGrounder(GroundingConfig(detector=tiny_detector, passes_per_forward=1, box_threshold=0.0))
     count = 4
     started = {kind: [threading.Event() for _ in range(count)] for kind in ("prepare", "forward", "collect")}
     calls = {"prepare": 0, "forward": 0}

@@ -137,7 +137,7 @@ def test_box_filter_validates():
     with pytest.raises(ValueError):
         BoxFilter(nms_iou=0.0)
     with pytest.raises(ValueError):
-        GroundingConfig(batch_size=0)
+        GroundingConfig(passes_per_forward=0)
 
 
 def _word_tokenize(texts: list[str]) -> list[list[int]]:

@@ -42,7 +42,7 @@ def inputs(tmp_path_factory, scenes) -> tuple[Path, Path]:
 
 
 def _config(inputs: list[Path], out: Path, **options) -> BuildConfig:
-    values = {"grounder": "annotations", "runner": "local", "samples_per_shard": 4, "batch_size": 3, **options}
+    values = {"grounder": "annotations", "runner": "local", "samples_per_shard": 4, "stage_batch_size": 3, **options}
     return BuildConfig(inputs=tuple(str(p) for p in inputs), out_dir=str(out), **values)
 
 
@@ -292,7 +292,7 @@ def test_ray_restarts_a_killed_stage_worker_and_the_output_is_unchanged(tmp_path
     import ray
 
     folder = write_scene_folder(generate_scenes(400, seed=11, size=(48, 48)), tmp_path / "in").parent
-    local = run_build(_config([folder], tmp_path / "local", samples_per_shard=50, batch_size=10))
+    local = run_build(_config([folder], tmp_path / "local", samples_per_shard=50, stage_batch_size=10))
     killed: list[int] = []
 
     def kill_one_stage_worker() -> None:
@@ -311,7 +311,7 @@ def test_ray_restarts_a_killed_stage_worker_and_the_output_is_unchanged(tmp_path
         killer = threading.Thread(target=kill_one_stage_worker, daemon=True)
         killer.start()
         distributed = run_build(_config([folder], tmp_path / "ray", runner="ray", samples_per_shard=50,
-                                        batch_size=10))
+                                        stage_batch_size=10))
         killer.join(timeout=5)
     finally:
         ray.shutdown()

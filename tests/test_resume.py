@@ -123,7 +123,7 @@ def test_config_round_trips_and_its_fingerprint_ignores_only_where_it_runs(tmp_p
     assert again == config and again.fingerprint() == config.fingerprint()
     elsewhere = _config(tmp_path, tmp_path / "other", runner="ray", ray_address="ray://head:10001")
     assert elsewhere.fingerprint() == _config(tmp_path, tmp_path / "out").fingerprint()
-    assert _config(tmp_path, tmp_path / "out", batch_size=7).fingerprint() != elsewhere.fingerprint()
+    assert _config(tmp_path, tmp_path / "out", stage_batch_size=7).fingerprint() != elsewhere.fingerprint()
     with pytest.raises(ValueError, match="key_digits"):
         _config(tmp_path, tmp_path / "out", key_digits=3, samples_per_shard=10_000)
     with pytest.raises(ValueError, match="grounder"):

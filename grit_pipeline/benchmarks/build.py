@@ -112,21 +112,21 @@ def stage_rates(config: Any) -> dict[str, float]:
     for stage in stages:
         start = time.perf_counter()
         for _, items in read:
-            for batch in shard_batches(items, config.batch_size):  # the runners' batches
+            for batch in shard_batches(items, config.stage_batch_size):  # the runners' batches
                 stage(batch)
         rates[stage.name] = total / (time.perf_counter() - start)
     folder = Path(tempfile.mkdtemp(prefix="grit-bench-write-"))
     try:
         start = time.perf_counter()
         for header, items in read:
-            write_shard(folder, header.shard, [to_output(i) for i in items], header.source, header.errors)
+            write_shard(folder, header.shard_index, [to_output(i) for i in items], header.source, header.errors)
         rates["write"] = total / (time.perf_counter() - start)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return rates
 
 
-def bench_end_to_end(n: int, runner: str, samples_per_shard: int, batch_size: int) -> dict[str, Any]:
+def bench_end_to_end(n: int, runner: str, samples_per_shard: int, stage_batch_size: int) -> dict[str, Any]:
     """`run_build` samples/s (annotation grounder, small generated images) vs the slowest stage run alone.
 
     The headline `end_to_end_samples_per_s` is over everything the user waits for once the Ray cluster is up:
@@ -143,7 +143,7 @@ def bench_end_to_end(n: int, runner: str, samples_per_shard: int, batch_size: in
     try:
         inputs = write_bench_input(root / "in", n)
         config = BuildConfig(inputs=(str(inputs),), out_dir=str(root / "out"), grounder="annotations",
-                             runner=runner, samples_per_shard=samples_per_shard, batch_size=batch_size,
+                             runner=runner, samples_per_shard=samples_per_shard, stage_batch_size=stage_batch_size,
                              progress_interval=30.0)
         rates = stage_rates(config)
         init_seconds = 0.0

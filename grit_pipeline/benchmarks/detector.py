@@ -42,7 +42,7 @@ def bench_requests(n_images: int, seed: int = 0) -> list[Any]:
     return requests
 
 
-def run_detector_bench(detector: str | None, n_images: int, batch_size: int, device: str, repeats: int,
+def run_detector_bench(detector: str | None, n_images: int, passes_per_forward: int, device: str, repeats: int,
                        threads: int | None = None) -> dict:
     """Best-of-`repeats` images/s of `GroundingDinoGrounder.ground` and of the bare model forward.
 
@@ -64,10 +64,10 @@ def run_detector_bench(detector: str | None, n_images: int, batch_size: int, dev
     torch.set_num_threads(threads or max(1, cores - 1))
     with tempfile.TemporaryDirectory() as tmp:
         path = detector or str(build_tiny_grounding_dino(tmp))
-        grounder = GroundingDinoGrounder(GroundingConfig(detector=path, batch_size=batch_size, device=device))
+        grounder = GroundingDinoGrounder(GroundingConfig(detector=path, passes_per_forward=passes_per_forward, device=device))
     requests = bench_requests(n_images)
     items = [(r.image, p.input_ids) for r in requests for p in grounder.plan(r).passes]
-    batches = batched(items, batch_size)
+    batches = batched(items, passes_per_forward)
     inputs = [grounder.prepare_inputs([im for im, _ in b], [ids for _, ids in b]) for b in batches]
 
     def stage() -> float:
@@ -103,7 +103,7 @@ def run_detector_bench(detector: str | None, n_images: int, batch_size: int, dev
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "n_images": n_images,
         "text_passes": len(items),
-        "batch_size": batch_size,
+        "passes_per_forward": passes_per_forward,
         "items_per_s": round(n_images / wall["stage"], 2),
         "baseline_items_per_s": round(n_images / wall["baseline"], 2),
         "ratio": round(wall["baseline"] / wall["stage"], 3),

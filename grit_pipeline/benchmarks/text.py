@@ -11,18 +11,18 @@ from grit_pipeline.records import Box, GritRecord, GroundedSpan, Span
 from grit_pipeline.samples import cycle_to, load_caption_sample
 
 
-def bench_text_stage(n: int, batch_size: int, naive_n: int, repeats: int) -> dict[str, Any]:
+def bench_text_stage(n: int, pipe_batch_size: int, naive_n: int, repeats: int) -> dict[str, Any]:
     """PhraseExtractor vs raw `nlp.pipe` (same pipeline object, same captions) and the naive loop."""
     from grit_pipeline.stages.text import PhraseExtractor, TextConfig
 
     core = pin_to_one_core()
     captions = cycle_to(load_caption_sample(), n)
-    extractor = PhraseExtractor(TextConfig(batch_size=batch_size))
+    extractor = PhraseExtractor(TextConfig(pipe_batch_size=pipe_batch_size))
     nlp = extractor.nlp
     extractor(captions[:200])  # warm-up: first batches allocate
 
     def raw() -> int:
-        for _ in nlp.pipe(captions, batch_size=batch_size):
+        for _ in nlp.pipe(captions, batch_size=pipe_batch_size):
             pass
         return n
 
@@ -38,7 +38,7 @@ def bench_text_stage(n: int, batch_size: int, naive_n: int, repeats: int) -> dic
     return {
         "bench": "text",
         "n": n,
-        "batch_size": batch_size,
+        "pipe_batch_size": pipe_batch_size,
         "pinned_core": core,
         "spacy_components": list(nlp.pipe_names),
         "items_per_s": round(rates["stage"], 1),

@@ -65,8 +65,8 @@ class NmsIou(click.ParamType):
 @click.option("--samples-per-shard", type=click.IntRange(min=1), default=None,
               help=f"Split captions.jsonl and parquet inputs into shards of this many samples. "
                    f"{default('samples_per_shard')}")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help=f"Samples per pipeline batch. {default('batch_size')}")
+@click.option("--stage-batch-size", type=click.IntRange(min=1), default=None,
+              help=f"Samples per pipeline batch, the unit every stage works on. {default('stage_batch_size')}")
 @click.option("--grounder-workers", type=click.IntRange(min=1), default=None,
               help=f"Grounder actors (Ray). {default('grounder_workers')}")
 @click.option("--gpus-per-grounder", type=click.FloatRange(min=0.0), default=None,
@@ -128,9 +128,9 @@ def bench_shards(samples: int, image_kb: int, repeats: int) -> None:
 @click.option("--n", type=int, default=2000, show_default=True, help="Samples (10,000 for the headline figure).")
 @click.option("--runner", type=click.Choice(("local", "ray")), default="local", show_default=True)
 @click.option("--samples-per-shard", type=int, default=1000, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-def bench_pipeline(n: int, runner: str, samples_per_shard: int, batch_size: int) -> None:
+@click.option("--stage-batch-size", type=int, default=64, show_default=True)
+def bench_pipeline(n: int, runner: str, samples_per_shard: int, stage_batch_size: int) -> None:
     """End-to-end samples/s against the slowest stage run alone (annotation grounder, small images)."""
     from grit_pipeline.benchmarks.build import bench_end_to_end
 
-    click.echo(json.dumps(bench_end_to_end(n, runner, samples_per_shard, batch_size), indent=2))
+    click.echo(json.dumps(bench_end_to_end(n, runner, samples_per_shard, stage_batch_size), indent=2))

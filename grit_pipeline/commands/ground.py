@@ -34,8 +34,8 @@ _SAMPLES_PER_SHARD = 256  # lines read, decoded and grounded together: bounds th
 @click.option("--nms-iou", type=NmsIou(), default=None,
               help=f"Class-agnostic NMS IoU, or 'off'. {default('grounding.nms_iou')} (annotations: off)")
 @click.option("--spacy-model", default=None, help=f"Installed spaCy pipeline. {default('text.spacy_model')}")
-@click.option("--detector-batch-size", default=None, type=click.IntRange(min=1),
-              help=f"Text passes (image + prompt) per detector forward. {default('grounding.batch_size')}")
+@click.option("--passes-per-forward", default=None, type=click.IntRange(min=1),
+              help=f"Text passes (image + prompt) per detector forward. {default('grounding.passes_per_forward')}")
 @click.option("--device", default=None, help=f"auto, cpu, cuda, cuda:N or mps. {default('grounding.device')}")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
               help=f"Autocast dtype on CUDA (auto: bf16, else fp16); CPU runs float32. {default('grounding.dtype')}")
@@ -95,7 +95,7 @@ class RowPrinter:
         from grit_pipeline.work import to_output
 
         if header.failure is not None:
-            self.fail(header.shard, header.failure)
+            self.fail(header.shard_index, header.failure)
             return
         for item in sorted(items, key=lambda item: item.position):
             sample = to_output(item)
@@ -144,12 +144,12 @@ def detector_unavailable(exc: Exception) -> NoReturn:
 @click.command("detector")
 @click.option("--detector", default=None, help="Checkpoint to benchmark (default: a tiny random-weight model built here).")
 @click.option("--n-images", default=48, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--passes-per-forward", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Best of N runs each.")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="torch threads for both runs [default: cores - 1, leaving one core to feed the model].")
-def bench_detector(detector: str | None, n_images: int, batch_size: int, device: str, repeats: int,
+def bench_detector(detector: str | None, n_images: int, passes_per_forward: int, device: str, repeats: int,
                    threads: int | None) -> None:
     """Images/s through the grounding stage vs a raw model forward over the same batches (target ratio >= 0.90)."""
     if detector is not None:
@@ -165,6 +165,6 @@ def bench_detector(detector: str | None, n_images: int, batch_size: int, device:
             detector_unavailable(exc)
     from grit_pipeline.benchmarks.detector import run_detector_bench
 
-    report = run_detector_bench(detector=detector, n_images=n_images, batch_size=batch_size, device=device,
+    report = run_detector_bench(detector=detector, n_images=n_images, passes_per_forward=passes_per_forward, device=device,
                                 repeats=repeats, threads=threads)
     sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")

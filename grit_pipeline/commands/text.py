@@ -77,9 +77,10 @@ def _stdin_json_lines(field: str | None = None) -> Iterator[tuple[str, dict[str,
 @click.option("--filter-abstract/--no-filter-abstract", default=True, show_default=True)
 @click.option("--filter-non-visual/--no-filter-non-visual", default=True, show_default=True,
               help="Drop reflexive and non-referring pronouns and fixed-phrase fragments ('top' in 'on top of').")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--pipe-batch-size", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Captions per spaCy nlp.pipe batch.")
 def phrases(captions: tuple[str, ...], spacy_model: str, abstract_nouns: str | None, filter_abstract: bool,
-            filter_non_visual: bool, batch_size: int) -> None:
+            filter_non_visual: bool, pipe_batch_size: int) -> None:
     """Print noun chunks and referring expressions of CAPTIONS (or of JSON lines with "caption" on stdin).
 
     One JSON line per caption: {"caption", "noun_chunks": [[start, end], ...], "ref_exps": [[start, end], ...]}
@@ -94,7 +95,7 @@ def phrases(captions: tuple[str, ...], spacy_model: str, abstract_nouns: str | N
         raise click.ClickException(f"--abstract-nouns {abstract_nouns}: {exc}") from exc
     config = TextConfig(
         spacy_model=spacy_model,
-        batch_size=batch_size,
+        pipe_batch_size=pipe_batch_size,
         abstract_nouns=words,
         filter_abstract=filter_abstract,
         filter_non_visual=filter_non_visual,
@@ -117,7 +118,7 @@ def phrases(captions: tuple[str, ...], spacy_model: str, abstract_nouns: str | N
             continue
         parsed += 1
         batch.append(({"key": obj["key"]} if "key" in obj else {}, obj["caption"]))
-        if len(batch) >= batch_size:
+        if len(batch) >= pipe_batch_size:
             _print_phrases(extractor, batch)
             batch = []
     _print_phrases(extractor, batch)
@@ -219,15 +220,15 @@ def _open_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str 
 
 @click.command("text")
 @click.option("--n", default=20_000, show_default=True, type=click.IntRange(min=100), help="Captions to parse.")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--pipe-batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--naive-n", default=2_000, show_default=True, type=click.IntRange(min=10),
               help="Captions for the naive per-caption nlp(c) loop (it is slow).")
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1), help="Best of N runs each.")
-def bench_text(n: int, batch_size: int, naive_n: int, repeats: int) -> None:
+def bench_text(n: int, pipe_batch_size: int, naive_n: int, repeats: int) -> None:
     """Text stages vs raw nlp.pipe with the same components over the same captions (the limit), on one core."""
     from grit_pipeline.benchmarks.text import bench_text_stage
 
-    _emit(bench_text_stage(n=n, batch_size=batch_size, naive_n=naive_n, repeats=repeats))
+    _emit(bench_text_stage(n=n, pipe_batch_size=pipe_batch_size, naive_n=naive_n, repeats=repeats))
 
 
 @click.command("serialize")

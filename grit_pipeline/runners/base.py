@@ -105,36 +105,36 @@ class ShardSink:
         self.started.setdefault(index, time.monotonic())
 
     def write(self, header: ShardHeader, items: Sequence[WorkItem]) -> None:
-        """Write output shard `header.shard` from its items (any order); failures are recorded, not raised."""
+        """Write output shard `header.shard_index` from its items (any order); failures are recorded, not raised."""
         if header.failure is not None:
-            self.fail(header.shard, header.failure)
+            self.fail(header.shard_index, header.failure)
             return
         try:
             ordered = sorted(items, key=lambda item: item.position)
             outputs = [to_output(item) for item in ordered]
         except Exception as exc:  # a shard that cannot be written fails alone
-            self.fail(header.shard, f"write failed: {type(exc).__name__}: {exc}")
+            self.fail(header.shard_index, f"write failed: {type(exc).__name__}: {exc}")
             return
         self.write_outputs(header, outputs, grounders_used(ordered))
 
     def write_outputs(self, header: ShardHeader, outputs: Sequence[OutputSample],
                       grounders: dict[str, dict[str, Any]]) -> None:
-        """Write output shard `header.shard` from its finished samples in position order and the descriptions
+        """Write output shard `header.shard_index` from its finished samples in position order and the descriptions
         of the grounders that grounded them; failures are recorded, not raised."""
         if header.failure is not None:
-            self.fail(header.shard, header.failure)
+            self.fail(header.shard_index, header.failure)
             return
         try:
             if len(outputs) != header.count:
                 raise RuntimeError(f"{len(outputs)} of {header.count} samples came back")
             for kind, description in grounders.items():  # by kind: GRIT-20M rows go through the annotation grounder
                 self.models.setdefault(kind, description)
-            write_shard(self.folder, header.shard, outputs, header.source, header.errors)
-            if header.shard in self.started:
-                self.seconds[header.shard] = round(time.monotonic() - self.started[header.shard], 3)
+            write_shard(self.folder, header.shard_index, outputs, header.source, header.errors)
+            if header.shard_index in self.started:
+                self.seconds[header.shard_index] = round(time.monotonic() - self.started[header.shard_index], 3)
             self.progress.shards_done += 1
         except Exception as exc:  # a shard that cannot be written fails alone
-            self.fail(header.shard, f"write failed: {type(exc).__name__}: {exc}")
+            self.fail(header.shard_index, f"write failed: {type(exc).__name__}: {exc}")
 
     def fail(self, index: int, error: str) -> None:
         """Record shard `index` as failed."""

@@ -25,7 +25,7 @@ def run_local(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[tup
                 for stage in stages:
                     stage.setup()
             header, items = read_shard(index, shard, config.key_digits)
-            for batch in shard_batches(items, config.batch_size):
+            for batch in shard_batches(items, config.stage_batch_size):
                 for stage in stages:
                     run_stage(stage, batch)
                 progress.add(batch)

@@ -67,10 +67,10 @@ def init_ray(address: str | None) -> None:
 
 @dataclass(frozen=True, slots=True)
 class ShardTask:
-    """Input shard `shard` to be read, as output shard `index`, by the first actor pool."""
+    """`input_shard` to be read, as output shard `shard_index`, by the first actor pool."""
 
-    index: int
-    shard: InputShard
+    shard_index: int
+    input_shard: InputShard
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +89,9 @@ class StageWorker:
     output depends on its batch-mates (a detector's padding) computes what the local runner computes.
     """
 
-    def __init__(self, stages: Sequence[Stage], indices: Sequence[int], key_digits: int, batch_size: int) -> None:
+    def __init__(self, stages: Sequence[Stage], indices: Sequence[int], key_digits: int, stage_batch_size: int) -> None:
         self.key_digits = key_digits
-        self.batch_size = batch_size
+        self.stage_batch_size = stage_batch_size
         self.stages = [stages[index] for index in indices]
         for stage in self.stages:
             stage.setup()
@@ -108,16 +108,16 @@ class StageWorker:
     def process(self, row: ShardTask | ShardHeader | list[WorkItem]) -> Iterator[ShardHeader | list[WorkItem]]:
         """Read a shard task, or run the stages on one batch of WorkItems (a header passes through)."""
         if isinstance(row, ShardTask):
-            header, items = read_shard(row.index, row.shard, self.key_digits)
+            header, items = read_shard(row.shard_index, row.input_shard, self.key_digits)
             yield header
-            for items_batch in shard_batches(items, self.batch_size):
+            for items_batch in shard_batches(items, self.stage_batch_size):
                 yield self.run(items_batch)
         elif isinstance(row, list):
             yield self.run(row)
         else:
             yield row
 
-    def shard(self, task: ShardTask) -> ShardResult:
+    def process_shard(self, task: ShardTask) -> ShardResult:
         """A whole shard, read and processed, as the writer's samples (the CPU actor pool's method).
 
         The conversion to `OutputSample`s happens here, in parallel, not in the driver: they unpickle an
@@ -146,7 +146,7 @@ def _rows(rows: Sequence[Any]) -> dict[str, Any]:
 
 def run_stages_task(batch: dict[str, Any], stages: Sequence[Stage], indices: Sequence[int]) -> dict[str, Any]:
     """Ray map_batches task for a pool of stages that loads no model and keeps no state between batches."""
-    worker = StageWorker(stages, indices, key_digits=0, batch_size=1)  # never reads: rows are batches
+    worker = StageWorker(stages, indices, key_digits=0, stage_batch_size=1)  # never reads: rows are batches
     return _rows([out for value in batch["item"] for out in worker.process(pickle.loads(value))])
 
 
@@ -170,13 +170,13 @@ def build_dataset(config: BuildConfig, stages: Sequence[Stage], shards: Sequence
         if number == 0:  # leave room for the other pools' tasks
             actor_cpus = max(_FEEDER_CPU_MARGIN, (cpus - (len(pools) - 1) * _FEEDER_CPU_MARGIN) / cpus)
             ds = ds.map_batches(StageWorker, fn_constructor_args=(stages, pool.indices, config.key_digits,
-                                                                  config.batch_size),
+                                                                  config.stage_batch_size),
                                 num_cpus=min(resources.cpus, actor_cpus), num_gpus=resources.gpus,
                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=cpus),
                                 **common)
         elif resources.workers is not None:
             ds = ds.map_batches(StageWorker, fn_constructor_args=(stages, pool.indices, config.key_digits,
-                                                                  config.batch_size),
+                                                                  config.stage_batch_size),
                                 compute=ray.data.ActorPoolStrategy(size=resources.workers),
                                 num_gpus=resources.gpus, num_cpus=resources.cpus, **common)
         else:
@@ -247,7 +247,7 @@ def run_actor_pool(config: BuildConfig, stages: Sequence[Stage], shards: Sequenc
     worker_class = ray.remote(StageWorker).options(num_cpus=1, max_restarts=_ACTOR_RESTARTS,
                                                    max_task_retries=_ACTOR_RESTARTS)
     every_stage = tuple(range(len(stages)))
-    actors = [worker_class.remote(stages, every_stage, config.key_digits, config.batch_size)
+    actors = [worker_class.remote(stages, every_stage, config.key_digits, config.stage_batch_size)
               for _ in range(min(cpus, len(shards)))]
     queue = [ShardTask(index, shard) for index, shard in reversed(shards)]  # popped from the end: in order
     in_flight: dict[Any, tuple[Any, ShardTask]] = {}
@@ -255,8 +255,8 @@ def run_actor_pool(config: BuildConfig, stages: Sequence[Stage], shards: Sequenc
     def submit(actor: Any) -> None:
         if queue:
             task = queue.pop()
-            sink.begin(task.index)
-            in_flight[actor.shard.remote(task)] = (actor, task)
+            sink.begin(task.shard_index)
+            in_flight[actor.process_shard.remote(task)] = (actor, task)
 
     for _ in range(_TASKS_IN_FLIGHT_PER_ACTOR):
         for actor in actors:
@@ -272,9 +272,9 @@ def run_actor_pool(config: BuildConfig, stages: Sequence[Stage], shards: Sequenc
             message = error_message(exc)
             if _is_setup_error(exc):  # no shard can succeed: record them all and stop
                 for failed in [task, *(t for _, t in in_flight.values()), *queue]:
-                    sink.fail(failed.index, message)
+                    sink.fail(failed.shard_index, message)
                 return
-            sink.fail(task.index, message)
+            sink.fail(task.shard_index, message)
             continue
         progress.add_outputs(result.outputs)
         sink.write_outputs(result.header, result.outputs, result.grounders)
@@ -293,11 +293,11 @@ def run_dataset(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[t
     try:
         for row in iter_results(build_dataset(config, stages, shards)):
             if isinstance(row, ShardHeader):
-                index = row.shard
+                index = row.shard_index
                 headers[index] = row
                 sink.begin(index)
             else:
-                index = row[0].shard
+                index = row[0].shard_index
                 sink.begin(index)
                 buffers[index].extend(row)
                 progress.add(row)
