@@ -17,6 +17,8 @@ _COMMANDS = {
     "train": "grit_pipeline.commands.train:train",
     "generate": "grit_pipeline.commands.train:generate",
     "bench": "grit_pipeline.commands.bench:bench",
+    "eval": "grit_pipeline.commands.eval:eval_group",
+    "export": "grit_pipeline.commands.export:export",
 }
 
 _HELP = {
@@ -29,6 +31,8 @@ _HELP = {
     "train": "Train Kosmos-2 on built shards.",
     "generate": "Grounded generation with a trained checkpoint.",
     "bench": "Throughput benchmarks against each stage's limit.",
+    "eval": "Grounding benchmarks as the Kosmos-2 paper reports them (Flickr30k Entities, RefCOCO).",
+    "export": "Export a build for detector trainers (ODVG, MDETR COCO-style, GRIT-20M parquet).",
 }
 
 
