@@ -179,6 +179,8 @@ def evaluate(checkpoint: str, scenes: list[HeldOutScene], baseline: Box) -> dict
     scene_boxes = [[box for _, box in scene.objects] for scene in scenes for _ in scene.objects]
     any_shape_ious = [max(_iou(b, t) for t in boxes) for b, boxes in zip(in_caption, scene_boxes, strict=True)]
     baseline_ious = [baseline.iou(t) for t in truths]
+    mdetr = score_as_flickr(scenes, {"in_caption": in_caption, "phrase_alone": alone,
+                                     "baseline": [baseline] * len(truths)})
     # One shape needs localisation only; two or three also need the phrase bound to the right shape.
     def in_scenes_of(count: int, ious: list[float]) -> dict[str, float]:
         return _summary([v for v, n in zip(ious, shapes_in_scene, strict=True) if n == count])
@@ -200,7 +202,68 @@ def evaluate(checkpoint: str, scenes: list[HeldOutScene], baseline: Box) -> dict
         "baseline_box": [round(v, 4) for v in baseline.as_tuple()],
         "no_box": {"phrase_alone": alone.count(None), "in_caption": in_caption.count(None)},
         "by_shape_count": by_shape_count,
+        "mdetr_flickr_any_box": mdetr,
     }
+
+
+def score_as_flickr(scenes: list[HeldOutScene], boxes_by_protocol: dict[str, list[Box | None]]) -> dict[str, Any]:
+    """The held-out scenes written as an MDETR Flickr30k Entities file and each protocol's boxes as public
+    predictions, scored by `grit eval score`'s own code (ANY-box, overall): the e2e figures and `grit eval`
+    cannot disagree."""
+    from grit_pipeline.eval.annotations import flickr_prediction_id
+    from grit_pipeline.eval.predictions import Prediction, write_predictions
+    from grit_pipeline.eval.scoring import score_files
+
+    with tempfile.TemporaryDirectory() as folder:
+        annotations = write_mdetr_flickr(scenes, Path(folder) / "final_flickr_separateGT_e2e.json")
+        sizes = [_scene_size(scene) for scene in scenes]
+        figures = {}
+        for protocol, boxes in boxes_by_protocol.items():
+            flat = iter(boxes)  # one box (or None) per shape, scenes in order, shapes in caption order
+            predictions = []
+            for number, (scene, size) in enumerate(zip(scenes, sizes, strict=True)):
+                for k in range(len(scene.objects)):
+                    box = next(flat)
+                    predictions.append(Prediction(flickr_prediction_id(number, 0, k),
+                                                  () if box is None else (_pixels(box, size),)))
+            path = Path(folder) / f"{protocol}.jsonl"
+            write_predictions(path, predictions)
+            figures[protocol] = score_files(annotations, path)["any_box"]["overall"]
+    return figures
+
+
+def write_mdetr_flickr(scenes: list[HeldOutScene], path: Path) -> Path:
+    """Held-out scenes in MDETR's pre-processed Flickr layout: one sentence per scene, one scored phrase
+    per shape (caption order), one annotation (COCO xywh pixels) per shape."""
+    images, annotations = [], []
+    for number, scene in enumerate(scenes):
+        width, height = _scene_size(scene)
+        images.append({"file_name": f"{scene.key}.jpg", "height": str(height), "width": str(width),
+                       "id": number, "caption": scene.caption, "dataset_name": "flickr",
+                       "tokens_negative": [[0, len(scene.caption)]], "sentence_id": 0,
+                       "original_img_id": number,
+                       "tokens_positive_eval": [[[span.start, span.end]] for span, _ in scene.objects]})
+        for span, box in scene.objects:
+            x1, y1, x2, y2 = _pixels(box, (width, height))
+            annotations.append({"area": (x2 - x1) * (y2 - y1), "iscrowd": 0, "image_id": number, "category_id": 1,
+                                "id": len(annotations), "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "tokens_positive": [[span.start, span.end]]})
+    path.write_text(json.dumps({"info": [], "licenses": [], "images": images, "annotations": annotations,
+                                "categories": [{"supercategory": "object", "id": 1, "name": "object"}]}))
+    return path
+
+
+def _scene_size(scene: HeldOutScene) -> tuple[int, int]:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(scene.image)) as image:
+        return image.size
+
+
+def _pixels(box: Box, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    return box.to_pixels(*size)
 
 
 def phrase_alone_boxes(generator: Any, scenes: list[HeldOutScene]) -> list[Box | None]:
