@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from grit_pipeline.stages.annotations import AnnotationConfig
+from grit_pipeline.stages.clip import ClipConfig
 from grit_pipeline.stages.detector_loading import GroundingConfig
 from grit_pipeline.stages.frames import FrameConfig
 from grit_pipeline.stages.image import ImageConfig
+from grit_pipeline.stages.quality import QualityConfig
 from grit_pipeline.stages.serialize import SerializeConfig
 from grit_pipeline.stages.text import TextConfig
 
@@ -53,6 +55,8 @@ class BuildConfig:
     annotations: AnnotationConfig = field(default_factory=AnnotationConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     frames: FrameConfig = field(default_factory=FrameConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
@@ -100,7 +104,8 @@ class BuildConfig:
 
 _STAGE_CONFIGS: dict[str, type] = {"text": TextConfig, "serialize": SerializeConfig,
                                    "grounding": GroundingConfig, "annotations": AnnotationConfig,
-                                   "image": ImageConfig, "frames": FrameConfig}
+                                   "image": ImageConfig, "frames": FrameConfig, "quality": QualityConfig,
+                                   "clip": ClipConfig}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -126,11 +131,14 @@ def _plain(value: Any) -> Any:
 
 
 # Stage-config fields that only change speed or where weights are looked up, never what is written.
-_NOT_FINGERPRINTED_IN_STAGE = {"grounding": frozenset({"preprocess_threads", "local_files_only"})}
+_NOT_FINGERPRINTED_IN_STAGE = {"grounding": frozenset({"preprocess_threads", "local_files_only"}),
+                               "clip": frozenset({"gpus", "workers", "local_files_only"})}
 
 
 def _strip(data: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in data.items() if k not in _NOT_FINGERPRINTED}
+    if isinstance(out.get("clip"), dict) and out["clip"].get("model") is None:
+        del out["clip"]  # the CLIP stage is off: fingerprints of builds without it stay as they were
     for stage, names in _NOT_FINGERPRINTED_IN_STAGE.items():
         if isinstance(out.get(stage), dict):
             out[stage] = {k: v for k, v in out[stage].items() if k not in names}
@@ -157,6 +165,14 @@ _OPTION_PATHS: dict[str, tuple[tuple[str, str], ...]] = {
     "box_frame": (("frames", "box_frame"),),
     "resize_mode": (("frames", "resize_mode"),),
     "min_cropped_box_fraction": (("frames", "min_cropped_box_fraction"),),
+    "clip_model": (("clip", "model"),),
+    "min_clip_similarity": (("clip", "min_similarity"),),
+    "recompute_clip": (("clip", "recompute"),),
+    "max_box_area_fraction": (("quality", "max_box_area_fraction"),),
+    "min_box_side": (("quality", "min_box_side_px"),),
+    "max_boxes_per_phrase": (("quality", "max_boxes_per_phrase"),),
+    "min_image_side": (("quality", "min_image_side_px"),),
+    "quality": (),  # a preset name ("strict", "off"): sets every quality field; the flags above override it
 }
 OPTION_NAMES = frozenset(_OPTION_PATHS) | {f.name for f in dataclasses.fields(BuildConfig)
                                           if f.name not in _STAGE_CONFIGS and f.name not in ("inputs", "out_dir")}
@@ -182,8 +198,10 @@ def build_config(inputs: tuple[str, ...] | None = None, out_dir: str | None = No
         values["out_dir"] = str(Path(out_dir).resolve())
     if not values.get("inputs") or not values.get("out_dir"):
         raise ValueError("a build needs its inputs and an output folder (or a config file that names them)")
+    if options.get("quality") is not None:
+        values["quality"] = QualityConfig.preset(options["quality"]).to_dict()
     for name, value in options.items():
-        if value is None:
+        if value is None or name == "quality":
             continue
         if name == "nms_iou" and value == NMS_OFF:
             value = None

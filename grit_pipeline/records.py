@@ -24,6 +24,7 @@ class DropReason(str, enum.Enum):
     NO_NOUN_CHUNKS = "no_noun_chunks"
     NO_BOX_ABOVE_THRESHOLD = "no_box_above_threshold"
     NO_SPAN_SERIALISED = "no_span_serialised"
+    CLIP_SIMILARITY_TOO_LOW = "clip_similarity_too_low"
     # image decoding
     IMAGE_MISSING = "image_missing"
     IMAGE_EMPTY = "image_empty"
@@ -46,6 +47,12 @@ class DropReason(str, enum.Enum):
     CROSSING_SPAN = "crossing_span"
     NO_MATCHING_ANNOTATION = "no_matching_annotation"
     BOX_CROPPED_OUT = "box_cropped_out"
+    # box-quality filters (stages/quality.py): boxes removed, and samples dropped
+    BOX_TOO_LARGE = "box_too_large"
+    BOX_TOO_SMALL = "box_too_small"
+    TOO_MANY_BOXES = "too_many_boxes"
+    IMAGE_TOO_SMALL_FOR_QUALITY = "image_too_small_for_quality"
+    NO_BOX_AFTER_QUALITY_FILTERS = "no_box_after_quality_filters"
     # pipeline faults
     STAGE_ERROR = "stage_error"
 

@@ -116,6 +116,7 @@ class OutputSample:
             "ref_exps": row.get("ref_exps") or [],
             "clip_similarity_vitb32": float(_known(row.get("clip_similarity_vitb32"), UNKNOWN_SIMILARITY)),
             "clip_similarity_vitl14": float(_known(row.get("clip_similarity_vitl14"), UNKNOWN_SIMILARITY)),
+            **{name: float(_known(row.get(name), UNKNOWN_SIMILARITY)) for name in extra_clip_columns(row)},
             "provenance": {
                 "source": {name: str(source.get(name) or "") for name in ("input", "shard", "member")},
                 "grounder": str(self.provenance.get("grounder") or ""),
@@ -126,6 +127,7 @@ class OutputSample:
         """The row of the shard's parquet (every sample, kept or not)."""
         return {
             **{name: self.row.get(name) for name in GRIT20M_SCHEMA.names},
+            **{name: self.row.get(name) for name in extra_clip_columns(self.row)},
             "stored_width": self.stored_width,
             "stored_height": self.stored_height,
             "key": self.key,
@@ -317,6 +319,11 @@ def tar_members(samples: Sequence[OutputSample]) -> list[tuple[str, bytes]]:
     return members
 
 
+def extra_clip_columns(row: dict[str, Any]) -> list[str]:
+    """The `clip_similarity_<model>` columns of a CLIP model other than ViT-B/32 and ViT-L/14 in `row`."""
+    return sorted(k for k in row if k.startswith("clip_similarity_") and k not in GRIT20M_SCHEMA.names)
+
+
 def write_metadata(path: Path, samples: Sequence[OutputSample]) -> None:
     """The shard's parquet: one row per input sample, in key order (which is input order), atomically."""
     import pyarrow.parquet as pq
@@ -324,14 +331,21 @@ def write_metadata(path: Path, samples: Sequence[OutputSample]) -> None:
     rows = [s.metadata_row() for s in sorted(samples, key=lambda s: s.key)]
     with atomic_path(path) as tmp:
         if rows:
-            pq.write_table(pa.Table.from_pylist(rows, schema=METADATA_SCHEMA), tmp, compression="zstd")
+            extra = sorted({name for row in rows for name in extra_clip_columns(row)})  # another CLIP model's
+            schema = METADATA_SCHEMA
+            for name in extra:
+                schema = schema.append(pa.field(name, pa.float64()))
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd")
         else:  # no row group at all: a 0-row group makes Hugging Face's parquet builder fail (batch size 0)
             pq.ParquetWriter(tmp, METADATA_SCHEMA, compression="zstd").close()
 
 
 def shard_stats(index: int, samples: Sequence[OutputSample], source: dict[str, Any],
                 read_errors: Sequence[str]) -> dict[str, Any]:
-    """Counts, drop reasons and source of one shard (files are added by `write_shard`)."""
+    """Counts, drop reasons, score distributions (grit_pipeline/distributions.py) and source of one shard
+    (files are added by `write_shard`)."""
+    from grit_pipeline.distributions import row_distributions
+
     reasons = Counter(s.drop_reason for s in samples if not s.kept and s.drop_reason is not None)
     span_drops: Counter[DropReason] = Counter()
     for sample in samples:
@@ -347,6 +361,7 @@ def shard_stats(index: int, samples: Sequence[OutputSample], source: dict[str, A
         "span_drop_reasons": _counter_dict(span_drops),
         "spans": sum(s.n_spans for s in samples if s.kept),
         "read_errors": list(read_errors),
+        "distributions": row_distributions(s.row for s in samples if s.kept),
     }
 
 

@@ -44,6 +44,7 @@ class WorkItem:
     n_spans: int = 0
     stage_drops: dict[str, Counter[DropReason]] = field(default_factory=dict)
     grounder: dict[str, Any] = field(default_factory=dict)
+    clip_scores: dict[str, float] = field(default_factory=dict)  # column -> computed CLIP similarity
 
     @property
     def span_drops(self) -> Counter[DropReason]:
@@ -82,9 +83,20 @@ class WorkItem:
             "url": self.sample.url,
             "width": width,
             "height": height,
-            "clip_similarity_vitb32": _float_or_none(fields.get("clip_similarity_vitb32")),
-            "clip_similarity_vitl14": _float_or_none(fields.get("clip_similarity_vitl14")),
+            "clip_similarity_vitb32": self._clip("clip_similarity_vitb32"),
+            "clip_similarity_vitl14": self._clip("clip_similarity_vitl14"),
         }
+
+    def _clip(self, column: str) -> float | None:
+        """The CLIP stage's value for `column`, else the input's own."""
+        if column in self.clip_scores:
+            return float(self.clip_scores[column])
+        return _float_or_none(self.sample.fields.get(column))
+
+    def extra_clip_columns(self) -> dict[str, float]:
+        """Scores of CLIP models other than ViT-B/32 and ViT-L/14, under their own column names."""
+        return {k: float(v) for k, v in self.clip_scores.items()
+                if k not in ("clip_similarity_vitb32", "clip_similarity_vitl14")}
 
 
     def drop(self, reason: DropReason, message: str | None = None) -> None:
@@ -160,6 +172,8 @@ def to_output(item: WorkItem) -> OutputSample:
     """The item's outcome as the shard writer's sample (kept only with an image, a record and a text)."""
     kept = item.alive and item.text is not None and item.record is not None and item.decoded is not None
     row = item.record.to_row() if item.record is not None else _dropped_row(item)
+    if item.clip_scores:
+        row = {**row, **item.extra_clip_columns()}
     return OutputSample(
         key=item.key,
         source_key=item.sample.source_key,

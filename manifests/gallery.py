@@ -141,6 +141,90 @@ def _shown_sample(
     return ShownSample(shard, key, record, text, files["jpg"], kept_entities(record, config))
 
 
+SORT_KEYS = ("clip", "box_score", "boxes")
+"""What `grit inspect --sort` orders by, lowest first: the CLIP similarity (ViT-B/32, else ViT-L/14), the
+sample's lowest box score, its number of boxes (noun_chunks entries)."""
+
+
+def sample_metrics(record: GritRecord) -> dict[str, float | None]:
+    """A sample's `clip`, `box_score` (its lowest) and `boxes`; None when unknown (a CLIP similarity of
+    -1.0 is the .json's "unknown")."""
+    clip = None
+    for value in (record.clip_similarity_vitb32, record.clip_similarity_vitl14):
+        if value is not None and math.isfinite(value) and value != -1.0:
+            clip = float(value)
+            break
+    scores = [e.score for e in record.noun_chunks]
+    return {"clip": clip, "box_score": min(scores) if scores else None, "boxes": float(len(record.noun_chunks))}
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which samples `grit inspect` shows: sorted by one of SORT_KEYS (lowest first) and/or only those at or
+    under a CLIP similarity / lowest box score, or with at least / at most a number of boxes."""
+
+    sort: str | None = None
+    max_clip: float | None = None
+    max_box_score: float | None = None
+    min_boxes: int | None = None
+    max_boxes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sort is not None and self.sort not in SORT_KEYS:
+            raise GalleryError(f"unknown sort key {self.sort!r}; expected one of {SORT_KEYS}")
+
+    @property
+    def active(self) -> bool:
+        """True when it sorts or filters (otherwise the gallery spreads its samples over the shards)."""
+        return any(v is not None for v in (self.sort, self.max_clip, self.max_box_score, self.min_boxes,
+                                           self.max_boxes))
+
+    def accepts(self, metrics: Mapping[str, float | None]) -> bool:
+        """True when the sample passes every filter (an unknown value fails the filter on it)."""
+        checks = ((self.max_clip, "clip", False), (self.max_box_score, "box_score", False),
+                  (self.min_boxes, "boxes", True), (self.max_boxes, "boxes", False))
+        for bound, name, is_min in checks:
+            if bound is None:
+                continue
+            value = metrics[name]
+            if value is None or (value < bound if is_min else value > bound):
+                return False
+        return True
+
+    def describe(self) -> str:
+        """The selection in words, for the page's heading."""
+        parts = [f"lowest {self.sort} first"] if self.sort else []
+        for label, value in (("clip <=", self.max_clip), ("box score <=", self.max_box_score),
+                             ("boxes >=", self.min_boxes), ("boxes <=", self.max_boxes)):
+            if value is not None:
+                parts.append(f"{label} {value}")
+        return ", ".join(parts)
+
+
+def select_samples(out_dir: Path, count: int, selection: Selection,
+                   manifest: Mapping[str, Any] | None = None) -> list[tuple[ShownSample, dict[str, float | None]]]:
+    """Up to `count` samples of the whole build that pass `selection`'s filters, lowest `selection.sort`
+    first (unknown values last; ties in build order), or in build order without a sort; with their metrics.
+    Only `count` samples are held at a time."""
+    import heapq
+
+    manifest = read_manifest(out_dir) if manifest is None else manifest
+    config = audit_options(manifest).serialize
+    paths = _shard_paths(out_dir, manifest)
+
+    def candidates() -> Iterator[tuple[tuple[float, int], ShownSample, dict[str, float | None]]]:
+        for order, sample in enumerate(_iter_shards(paths, config)):
+            metrics = sample_metrics(sample.record)
+            if selection.accepts(metrics):
+                value = metrics[selection.sort] if selection.sort else None
+                yield (math.inf if value is None else value, order), sample, metrics
+
+    with contextlib.closing(candidates()) as found:
+        best = heapq.nsmallest(count, found, key=lambda c: c[0]) if selection.sort else \
+            list(itertools.islice(found, count))
+    return [(sample, metrics) for _, sample, metrics in best]
+
+
 def read_manifest(out_dir: Path) -> dict[str, Any]:
     """The build's manifest (loaded and checked by `load_manifest`), or GalleryError."""
     try:
@@ -149,14 +233,21 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
         raise GalleryError(str(exc)) from exc
 
 
-def write_gallery(out_dir: str | Path, html_path: str | Path, count: int = 50) -> int:
-    """Write the self-contained HTML gallery of `count` samples spread over the shards; returns how many."""
+def write_gallery(out_dir: str | Path, html_path: str | Path, count: int = 50,
+                  selection: Selection | None = None) -> int:
+    """Write the self-contained HTML gallery of `count` samples, spread over the shards or, with an active
+    `selection`, the ones it picks in its order; returns how many."""
     from grit_pipeline.io import write_bytes_atomic
 
     out = Path(out_dir)
     manifest = read_manifest(out)
-    samples = pick_samples(out, count, manifest)
-    page = render_page(out.name or str(out), manifest, samples, shard_table_rows(out, manifest))
+    heading = None
+    if selection is not None and selection.active:
+        samples = [sample for sample, _ in select_samples(out, count, selection, manifest)]
+        heading = selection.describe()
+    else:
+        samples = pick_samples(out, count, manifest)
+    page = render_page(out.name or str(out), manifest, samples, shard_table_rows(out, manifest), heading)
     write_bytes_atomic(html_path, page.encode("utf-8"))
     return len(samples)
 
@@ -218,15 +309,16 @@ def render_page(
     manifest: Mapping[str, Any],
     samples: Sequence[ShownSample],
     shard_rows: Sequence[ShardRow],
+    heading: str | None = None,
 ) -> str:
-    """The whole HTML document."""
+    """The whole HTML document (`heading`: how the samples were selected; default spread over the shards)."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>grit inspect: {html.escape(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>grit build: {html.escape(title)}</h1>",
         _totals_html(manifest),
-        f"<h2>Samples ({len(samples)}, spread over the shards)</h2>",
+        f"<h2>Samples ({len(samples)}, {html.escape(heading or 'spread over the shards')})</h2>",
         '<div class="grid">',
         *(_card_html(sample) for sample in samples),
         "</div>",
@@ -236,6 +328,8 @@ def render_page(
         drop_chart_svg(drop_reason_counts(manifest, "drop_reasons"), nothing="No sample was dropped."),
         "<h2>Dropped spans and boxes of kept samples, by reason</h2>",
         drop_chart_svg(drop_reason_counts(manifest, "span_drop_reasons"), nothing="No span was dropped."),
+        "<h2>Score distributions (kept samples)</h2>",
+        _distributions_html(manifest),
         "</body></html>",
     ]
     return "\n".join(parts)
@@ -252,6 +346,22 @@ def _totals_html(manifest: Mapping[str, Any]) -> str:
         return ""
     cells = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows)
     return f"<table>{cells}</table>"
+
+
+def _distributions_html(manifest: Mapping[str, Any]) -> str:
+    """The totals' distributions (CLIP similarity, box score, boxes per sample): count, mean and quantiles."""
+    dists = (manifest.get("totals") or {}).get("distributions") or {}
+    if not dists:
+        return "<p>No distribution recorded.</p>"
+    names = sorted({q for d in dists.values() for q in (d.get("quantiles") or {})})
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in ("distribution", "count", "mean", "min", *names, "max"))
+    rows = []
+    for name, dist in dists.items():
+        quantiles = dist.get("quantiles") or {}
+        cells = [name, dist.get("count"), dist.get("mean"), dist.get("min"), *(quantiles.get(n) for n in names),
+                 dist.get("max")]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 def _fmt(value: object) -> str:

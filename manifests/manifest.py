@@ -78,11 +78,15 @@ def shard_entry(name: str, stats: Mapping[str, Any] | None, error: str | None = 
         "span_drop_reasons": stats.get("span_drop_reasons", {}),
         "read_errors": stats.get("read_errors", []),
         "source": stats.get("source"),
+        "distributions": stats.get("distributions") or {},
     }
 
 
 def totals(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Sums over the complete shards, and the failed shard count."""
+    """Sums over the complete shards, the failed shard count, and the shards' score distributions merged
+    exactly (histograms added; grit_pipeline/distributions.py)."""
+    from grit_pipeline.distributions import merge_all
+
     complete = [e for e in entries if e["status"] == STATUS_COMPLETE]
     drops: Counter[str] = Counter()
     span_drops: Counter[str] = Counter()
@@ -103,6 +107,7 @@ def totals(entries: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes": sum(e["bytes"] for e in complete),
         "drop_reasons": dict(drops.most_common()),
         "span_drop_reasons": dict(span_drops.most_common()),
+        "distributions": merge_all([e.get("distributions") for e in complete]),
     }
 
 

@@ -49,12 +49,24 @@ def audit(out: Path, as_json: bool, no_decode: bool, check_image_size: bool | No
 @click.option(
     "--png-out", type=click.Path(dir_okay=False, path_type=Path), help="Where --png writes (default KEY.png)."
 )
-def inspect(out: Path, count: int, html_path: Path | None, png_key: str | None, png_out: Path | None) -> None:
-    """A static HTML gallery of OUT (images, boxes, highlighted spans, shard stats, drop reasons).
+@click.option("--sort", type=click.Choice(("clip", "box_score", "boxes")), default=None,
+              help="Show the samples of the whole build lowest first: CLIP similarity (ViT-B/32, else ViT-L/14; "
+                   "unknown last), the sample's lowest box score, or its number of boxes.")
+@click.option("--max-clip", type=float, default=None, help="Only samples whose CLIP similarity is <= this.")
+@click.option("--max-box-score", type=float, default=None, help="Only samples with a box score <= this.")
+@click.option("--min-boxes", type=click.IntRange(min=0), default=None, help="Only samples with >= this many boxes.")
+@click.option("--max-boxes", type=click.IntRange(min=0), default=None, help="Only samples with <= this many boxes.")
+def inspect(out: Path, count: int, html_path: Path | None, png_key: str | None, png_out: Path | None,
+            sort: str | None, max_clip: float | None, max_box_score: float | None, min_boxes: int | None,
+            max_boxes: int | None) -> None:
+    """A static HTML gallery of OUT (images, boxes, highlighted spans, shard stats, drop reasons, score
+    distributions).
 
-    Without --html and --png, writes OUT/report.html.
+    Without --html and --png, writes OUT/report.html. With --sort or a filter (--max-clip, --max-box-score,
+    --min-boxes, --max-boxes) the gallery shows what a threshold would remove, in that order, and each shown
+    sample is printed as one line: key, clip, box_score (its lowest), boxes.
     """
-    from grit_pipeline.manifests.gallery import GalleryError, write_gallery
+    from grit_pipeline.manifests.gallery import GalleryError, Selection, select_samples, write_gallery
     from grit_pipeline.manifests.sample_png import render_sample_png
 
     _require_build(out)
@@ -66,12 +78,24 @@ def inspect(out: Path, count: int, html_path: Path | None, png_key: str | None, 
             target = png_out or Path(f"{png_key}.png")
             render_sample_png(out, png_key, target)
             click.echo(f"wrote {target}")
+        selection = Selection(sort, max_clip, max_box_score, min_boxes, max_boxes)
+        if selection.active:
+            for sample, metrics in select_samples(out, count, selection):
+                boxes = int(metrics["boxes"] or 0)
+                click.echo(f"{sample.key}\tclip={_metric(metrics['clip'])}\tbox_score={_metric(metrics['box_score'])}"
+                           f"\tboxes={boxes}")
         if html_path is not None or png_key is None:
             target = html_path or out / "report.html"
-            shown = write_gallery(out, target, count=count)
+            shown = write_gallery(out, target, count=count, selection=selection)
             click.echo(f"wrote {target} ({shown} samples)")
     except GalleryError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _metric(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}"
 
 
 def _require_build(out: Path) -> None:

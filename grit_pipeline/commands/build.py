@@ -15,11 +15,12 @@ _DEFAULTS = BuildConfig(inputs=("-",), out_dir="-")
 
 
 def default(path: str) -> str:
-    """`[default: X]` for a help text, read from the config's own defaults (the CLI keeps none of its own)."""
+    """`[default: X]` for a help text, read from the config's own defaults (the CLI keeps none of its own);
+    None reads "off"."""
     value: Any = _DEFAULTS
     for part in path.split("."):
         value = getattr(value, part)
-    return f"[default: {getattr(value, 'value', value)}]"
+    return f"[default: {'off' if value is None else getattr(value, 'value', value)}]"
 
 
 class NmsIou(click.ParamType):
@@ -86,6 +87,28 @@ class NmsIou(click.ParamType):
 @click.option("--min-cropped-box-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="Drop a supplied box center_crop left with less of its area than this. "
                    f"{default('frames.min_cropped_box_fraction')}")
+@click.option("--clip-model", default=None,
+              help=f"CLIP model id or local folder: image-text similarity into the GRIT-20M column of the model "
+                   f"(ViT-B/32, ViT-L/14) or its own. {default('clip.model')} (off)")
+@click.option("--min-clip-similarity", type=click.FloatRange(-1.0, 1.0), default=None,
+              help=f"Drop pairs whose CLIP similarity is below this (needs --clip-model). {default('clip.min_similarity')}")
+@click.option("--recompute-clip", is_flag=True, default=None,
+              help=f"Recompute the CLIP column even where the input carries it. {default('clip.recompute')}")
+@click.option("--quality", type=click.Choice(("strict", "off")), default=None,
+              help="Box-quality preset: strict turns on every filter at the values of docs/output-format.md, off "
+                   "turns them off; the flags below override it. [default: off]")
+@click.option("--max-box-area-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Remove a box covering more of the image than this (box_too_large). "
+                   f"{default('quality.max_box_area_fraction')}")
+@click.option("--min-box-side", type=click.FloatRange(min=0.0), default=None,
+              help="Remove a box whose shorter side is under this many stored pixels (box_too_small). "
+                   f"{default('quality.min_box_side_px')}")
+@click.option("--max-boxes-per-phrase", type=click.IntRange(min=1), default=None,
+              help="Keep at most this many boxes per phrase, the highest-scoring (too_many_boxes). "
+                   f"{default('quality.max_boxes_per_phrase')}")
+@click.option("--min-image-side", type=click.IntRange(min=1), default=None,
+              help="Drop a sample whose stored image has a side under this many pixels "
+                   f"(image_too_small_for_quality). {default('quality.min_image_side_px')}")
 @click.option("--overwrite", is_flag=True, help="Replace an existing build in --out.")
 def build(inputs: tuple[str, ...], out_dir: str | None, config_file: str | None, overwrite: bool,
           **options: Any) -> None:
@@ -95,12 +118,18 @@ def build(inputs: tuple[str, ...], out_dir: str | None, config_file: str | None,
     of them leaves OUT as it was (exit 2: the detector is missing; 1: anything else).
     """
     from grit_pipeline.build import OutputInUseError, run_build, summary_table
-    from grit_pipeline.commands.checks import require_detector, require_ray_cluster, require_spacy_model
+    from grit_pipeline.commands.checks import (
+        require_clip_model,
+        require_detector,
+        require_ray_cluster,
+        require_spacy_model,
+    )
 
     try:
         base = load_config_file(config_file) if config_file else None
         config = build_config(inputs or None, out_dir, base=base, **options)
         require_detector(config)
+        require_clip_model(config)
         require_spacy_model(config)
         require_ray_cluster(config)
         result = run_build(config, overwrite=overwrite)

@@ -1,5 +1,5 @@
-"""Checks every command that builds or grounds makes before it writes anything: the detector, the spaCy
-model and the Ray cluster are there, each failure one line."""
+"""Checks every command that builds or grounds makes before it writes anything: the detector, the CLIP
+model, the spaCy model and the Ray cluster are there, each failure one line."""
 
 from __future__ import annotations
 
@@ -22,6 +22,19 @@ def require_detector(config: Any) -> None:
         ensure_detector_available(config.grounding)
     except DetectorUnavailableError as exc:
         detector_unavailable(exc)
+
+
+def require_clip_model(config: Any) -> None:
+    """Exit 2 before anything is written when a CLIP model is given but its checkpoint cannot be found."""
+    if config.clip.model is None:
+        return
+    from grit_pipeline.commands.ground import detector_unavailable
+    from grit_pipeline.stages.clip import ClipUnavailableError, ensure_clip_available
+
+    try:
+        ensure_clip_available(config.clip)
+    except ClipUnavailableError as exc:
+        detector_unavailable(exc)  # the same one line and exit status 2 as a missing detector
 
 
 def require_spacy_model(config: Any) -> None:
