@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grit_pipeline.stages.agreement import AgreementConfig
 from grit_pipeline.stages.annotations import AnnotationConfig
 from grit_pipeline.stages.clip import ClipConfig
 from grit_pipeline.stages.detector_loading import GroundingConfig
@@ -56,6 +57,7 @@ class BuildConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     frames: FrameConfig = field(default_factory=FrameConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    agreement: AgreementConfig = field(default_factory=AgreementConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
 
     def __post_init__(self) -> None:
@@ -105,7 +107,7 @@ class BuildConfig:
 _STAGE_CONFIGS: dict[str, type] = {"text": TextConfig, "serialize": SerializeConfig,
                                    "grounding": GroundingConfig, "annotations": AnnotationConfig,
                                    "image": ImageConfig, "frames": FrameConfig, "quality": QualityConfig,
-                                   "clip": ClipConfig}
+                                   "clip": ClipConfig, "agreement": AgreementConfig}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -139,6 +141,8 @@ def _strip(data: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in data.items() if k not in _NOT_FINGERPRINTED}
     if isinstance(out.get("clip"), dict) and out["clip"].get("model") is None:
         del out["clip"]  # the CLIP stage is off: fingerprints of builds without it stay as they were
+    if isinstance(out.get("agreement"), dict) and out["agreement"].get("detector") is None:
+        del out["agreement"]  # no second detector: the same
     for stage, names in _NOT_FINGERPRINTED_IN_STAGE.items():
         if isinstance(out.get(stage), dict):
             out[stage] = {k: v for k, v in out[stage].items() if k not in names}
@@ -165,6 +169,8 @@ _OPTION_PATHS: dict[str, tuple[tuple[str, str], ...]] = {
     "box_frame": (("frames", "box_frame"),),
     "resize_mode": (("frames", "resize_mode"),),
     "min_cropped_box_fraction": (("frames", "min_cropped_box_fraction"),),
+    "agreement_detector": (("agreement", "detector"),),
+    "agreement_iou": (("agreement", "iou"),),
     "clip_model": (("clip", "model"),),
     "min_clip_similarity": (("clip", "min_similarity"),),
     "recompute_clip": (("clip", "recompute"),),

@@ -24,6 +24,7 @@ class DropReason(str, enum.Enum):
     NO_NOUN_CHUNKS = "no_noun_chunks"
     NO_BOX_ABOVE_THRESHOLD = "no_box_above_threshold"
     NO_SPAN_SERIALISED = "no_span_serialised"
+    NO_BOX_CONFIRMED = "no_box_confirmed"
     CLIP_SIMILARITY_TOO_LOW = "clip_similarity_too_low"
     # image decoding
     IMAGE_MISSING = "image_missing"
@@ -47,6 +48,7 @@ class DropReason(str, enum.Enum):
     CROSSING_SPAN = "crossing_span"
     NO_MATCHING_ANNOTATION = "no_matching_annotation"
     BOX_CROPPED_OUT = "box_cropped_out"
+    BOX_NOT_CONFIRMED = "box_not_confirmed"
     # box-quality filters (stages/quality.py): boxes removed, and samples dropped
     BOX_TOO_LARGE = "box_too_large"
     BOX_TOO_SMALL = "box_too_small"

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 GROUNDER_ANNOTATIONS = "annotations"
 GROUNDER_GROUNDING_DINO = "grounding-dino"
 GROUNDERS = (GROUNDER_GROUNDING_DINO, GROUNDER_ANNOTATIONS)
+AGREEMENT = "agreement"  # the second detector that confirms GroundingDINO's boxes (stages/agreement.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,11 +299,28 @@ class GroundStage:
         from_text = [i for i in live if i.source_record is None]
         if from_text:
             self._ground(*self.grounder(self.config.grounder), from_text)
+            if self.config.agreement.enabled and self.config.grounder == GROUNDER_GROUNDING_DINO:
+                self._confirm([i for i in from_text if i.alive and i.grounding is not None])
         if from_source:
             self._ground(*self.grounder(GROUNDER_ANNOTATIONS), from_source)
         for item in items:
             item.release_pixels()  # no later stage needs them: the writer takes the stored bytes
         return items
+
+    def _confirm(self, items: list[WorkItem]) -> None:
+        """Keep only the boxes the agreement detector confirms (stages/agreement.py)."""
+        from grit_pipeline.stages.agreement import confirmed
+
+        second, _ = self.grounder(AGREEMENT)
+        requests = [grounding_request(item) for item in items]
+        for item, check in zip(items, second.ground(requests), strict=True):
+            if check.error is not None:  # the second detector failed on this sample: it cannot confirm it
+                item.drop(DropReason.STAGE_ERROR, f"agreement: {check.error}")
+                continue
+            item.grounding, _ = confirmed(item.grounding, check, self.config.agreement.iou)
+            item.set_drops(self.name, item.grounding.dropped)
+            if item.grounding.drop_reason is not None:
+                item.drop(item.grounding.drop_reason)
 
     def _ground(self, grounder: Grounder, description: dict[str, Any], items: list[WorkItem]) -> None:
         requests = [grounding_request(item) for item in items]
@@ -336,7 +354,13 @@ def grounding_request(item: WorkItem) -> GroundingRequest:
 
 
 def make_grounder(config: BuildConfig, kind: str) -> Grounder:
-    """The grounder named `kind`, loaded once per worker."""
+    """The grounder named `kind` (or the agreement detector, `AGREEMENT`), loaded once per worker."""
+    if kind == AGREEMENT:
+        from dataclasses import replace
+
+        from grit_pipeline.stages.groundingdino import GroundingDinoGrounder
+
+        return GroundingDinoGrounder(replace(config.grounding, detector=config.agreement.detector, revision=None))
     if kind == GROUNDER_ANNOTATIONS:
         from grit_pipeline.stages.annotations import AnnotationGrounder
 

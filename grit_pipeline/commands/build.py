@@ -109,6 +109,11 @@ class NmsIou(click.ParamType):
 @click.option("--min-image-side", type=click.IntRange(min=1), default=None,
               help="Drop a sample whose stored image has a side under this many pixels "
                    f"(image_too_small_for_quality). {default('quality.min_image_side_px')}")
+@click.option("--agreement-detector", default=None,
+              help="A second GroundingDINO checkpoint: a box is kept only when it finds a box for the same "
+                   f"phrase with IoU >= --agreement-iou (GranD's rule). {default('agreement.detector')}")
+@click.option("--agreement-iou", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help=f"IoU the second detector's box must reach. {default('agreement.iou')}")
 @click.option("--overwrite", is_flag=True, help="Replace an existing build in --out.")
 def build(inputs: tuple[str, ...], out_dir: str | None, config_file: str | None, overwrite: bool,
           **options: Any) -> None:

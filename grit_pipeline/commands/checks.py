@@ -15,11 +15,16 @@ def require_detector(config: Any) -> None:
     with the line `grit ground` prints for the same detector."""
     if config.grounder != "grounding-dino" or all(str(p).endswith(".parquet") for p in config.inputs):
         return  # GRIT-20M parquet rows carry their boxes: the detector is never loaded for them
+    import dataclasses
+
     from grit_pipeline.commands.ground import detector_unavailable
     from grit_pipeline.stages.detector_loading import DetectorUnavailableError, ensure_detector_available
 
     try:
         ensure_detector_available(config.grounding)
+        if config.agreement.enabled:  # the second detector must be there too
+            ensure_detector_available(dataclasses.replace(config.grounding, detector=config.agreement.detector,
+                                                          revision=None))
     except DetectorUnavailableError as exc:
         detector_unavailable(exc)
 
