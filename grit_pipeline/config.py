@@ -12,6 +12,7 @@ from typing import Any
 
 from grit_pipeline.stages.agreement import AgreementConfig
 from grit_pipeline.stages.annotations import AnnotationConfig
+from grit_pipeline.stages.base import cuda_available
 from grit_pipeline.stages.clip import ClipConfig
 from grit_pipeline.stages.detector_loading import GroundingConfig
 from grit_pipeline.stages.frames import FrameConfig
@@ -217,7 +218,7 @@ def build_config(inputs: tuple[str, ...] | None = None, out_dir: str | None = No
             values[name] = value
     if "gpus_per_grounder" not in values:
         values["gpus_per_grounder"] = 1.0 if values.get("grounder", "grounding-dino") == "grounding-dino" \
-            and _cuda_available() else 0.0
+            and cuda_available() else 0.0
     stage_defaults = BuildConfig(inputs=("-",), out_dir="-").to_dict()
     for stage in _STAGE_CONFIGS:  # a partial stage section keeps the defaults of the fields it leaves out
         if stage in values:
@@ -239,10 +240,3 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ValueError(f"{path}: not a grit build config (a JSON object, or config.json's {{'config': ...}})")
     return config
 
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())

@@ -79,3 +79,12 @@ def _run_one(stage: Stage, item: WorkItem) -> WorkItem:
 def _last_frame() -> str:
     frames = traceback.extract_tb(sys.exc_info()[2])
     return f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
+
+
+def cuda_available() -> bool:
+    """True when torch is importable and sees a CUDA device (stages then declare GPUs by default)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())

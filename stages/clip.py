@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from grit_pipeline.records import DropReason
-from grit_pipeline.stages.base import CHEAP_CPUS, Resources, StageSetupError
+from grit_pipeline.stages.base import CHEAP_CPUS, Resources, StageSetupError, cuda_available
 
 if TYPE_CHECKING:
     from grit_pipeline.config import BuildConfig
@@ -254,7 +254,7 @@ class ClipStage:
         self.config: ClipConfig = config.clip
         gpus = self.config.gpus
         if gpus is None:
-            gpus = 1.0 if self.config.enabled and _cuda_available() else 0.0
+            gpus = 1.0 if self.config.enabled and cuda_available() else 0.0
         self.resources = Resources(cpus=CHEAP_CPUS, gpus=gpus, workers=self.config.workers)
         self._scorer: ClipScorer | None = None
 
@@ -296,10 +296,3 @@ class ClipStage:
                     item.drop(DropReason.CLIP_SIMILARITY_TOO_LOW, f"{column} {value:.4f} < {threshold}")
         return items
 
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
