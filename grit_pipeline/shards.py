@@ -162,16 +162,22 @@ class ShardPaths:
         """OUT/shards/NNNNN_stats.json, the completion marker."""
         return self.folder / f"{shard_name(self.index)}_stats.json"
 
-    def is_complete(self) -> bool:
-        """True when the stats file exists (it is written after the tar and the parquet) with the files it lists.
+    def complete_stats(self) -> dict[str, Any] | None:
+        """The stats of a complete shard (the stats file exists, written after the tar and the parquet, and so
+        do the files it lists); None when the shard is not complete.
 
         A shard that kept no sample has no tar (an empty tar breaks Hugging Face datasets and hangs open_clip's
         loader); its stats say so with `files.tar` null.
         """
         stats = read_json_file(self.stats)
         if not isinstance(stats, dict) or not self.parquet.is_file():
-            return False
-        return (stats.get("files") or {}).get("tar") is None or self.tar.is_file()
+            return None
+        has_tar = (stats.get("files") or {}).get("tar") is not None
+        return stats if not has_tar or self.tar.is_file() else None
+
+    def is_complete(self) -> bool:
+        """True when the shard is complete (see `complete_stats`)."""
+        return self.complete_stats() is not None
 
 
 def canonical_json(obj: Any) -> str:
@@ -389,8 +395,7 @@ def write_shard(folder: Path, index: int, samples: Sequence[OutputSample], sourc
 
 def read_stats(folder: Path, index: int) -> dict[str, Any] | None:
     """The stats of a complete shard, None when it is not complete."""
-    paths = ShardPaths(folder, index)
-    return read_json_file(paths.stats) if paths.is_complete() else None
+    return ShardPaths(folder, index).complete_stats()
 
 
 def read_json_file(path: Path) -> Any:

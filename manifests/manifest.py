@@ -146,16 +146,16 @@ def shard_urls_pattern(manifest: Mapping[str, Any]) -> str | None:
     """A brace pattern, relative to OUT, naming exactly the build's tars ("shards/{00000..00007}.tar",
     "shards/{00001,{00003..00005}}.tar" when shards kept nothing), for webdataset, open_clip and `grit train`;
     None when there is no tar."""
-    numbers = sorted(int(name.removesuffix(".tar")) for name in sizes_json(manifest))
-    if not numbers:
+    names = [name.removesuffix(".tar") for name in sizes_json(manifest)]
+    if not names:
         return None
+    numbers, digits = sorted(int(name) for name in names), len(names[0])
     runs: list[list[int]] = []
     for number in numbers:
         if runs and number == runs[-1][1] + 1:
             runs[-1][1] = number
         else:
             runs.append([number, number])
-    digits = len(next(iter(sizes_json(manifest))).removesuffix(".tar"))
     parts = [f"{a:0{digits}d}" if a == b else f"{{{a:0{digits}d}..{b:0{digits}d}}}" for a, b in runs]
     body = parts[0] if len(parts) == 1 else "{" + ",".join(parts) + "}"
     return f"{SHARDS_DIR}/{body}.tar"
