@@ -8,35 +8,29 @@ What runs is the stage list (`grit_pipeline.stages.stage_list`); where it runs i
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
 from grit_pipeline.config import BuildConfig
 from grit_pipeline.inputs import InputShard, discover_shards, fingerprint_inputs
-from grit_pipeline.io import write_json_atomic
 from grit_pipeline.manifests.manifest import (
     CONFIG_FILE,
     MANIFEST_FILE,
     SIZES_FILE,
+    STATUS_COMPLETE,
     ManifestError,
     build_manifest,
     load_manifest,
     shard_entry,
     write_manifest,
 )
-from grit_pipeline.runners.base import Progress, Runner, ShardSink
-from grit_pipeline.shards import (
-    SHARDS_DIR,
-    ShardPaths,
-    read_stats,
-    remove_stale_temporaries,
-    shard_name,
-)
+from grit_pipeline.runners.base import Progress, Runner, ShardSink, ShardWriter
+from grit_pipeline.shards import SHARDS_DIR, read_stats, shard_name
+from grit_pipeline.storage import Folder, StorageError, describe_storage_error
 
 LOCK_FILE = ".grit-build.lock"
 
@@ -66,114 +60,194 @@ def prepare_output(config: BuildConfig, overwrite: bool, write: bool = True) -> 
     nothing to lose and is replaced as with `overwrite`, so the build that follows the fix is not refused.
     With `write=False` only the refusal is checked, and nothing is created or changed.
     """
-    out = Path(config.out_dir)
-    saved = out / CONFIG_FILE
-    ours = [saved, out / MANIFEST_FILE, out / SHARDS_DIR / SIZES_FILE]
-    shards = out / SHARDS_DIR
-    if out.exists() and not out.is_dir():
-        raise OutputInUseError(f"{out} is a file, not a folder; choose another --out")
-    if saved.is_file():
-        try:
-            previous = json.loads(saved.read_text(encoding="utf-8")).get("fingerprint")
-        except (OSError, ValueError, AttributeError):
-            previous = None
+    out = output_folder(config)
+    if out.local and os.path.exists(out.root) and not os.path.isdir(out.root):
+        raise OutputInUseError(f"{out.url} is a file, not a folder; choose another --out")
+    top = out.files()
+    shard_files = out.files(SHARDS_DIR)
+    finished = any(name[:1].isdigit() for name in shard_files)
+    if CONFIG_FILE in top:
+        saved = out.read_json(CONFIG_FILE)
+        previous = saved.get("fingerprint") if isinstance(saved, dict) else None
         if previous != config.fingerprint():
-            finished = shards.is_dir() and any(p.name[:1].isdigit() for p in shards.iterdir())
             if finished and not overwrite:
                 raise OutputInUseError(
-                    f"{out} holds a build made with a different config (fingerprint {str(previous)[:12]} vs "
+                    f"{out.url} holds a build made with a different config (fingerprint {str(previous)[:12]} vs "
                     f"{config.fingerprint()[:12]}); pass --overwrite to replace it, or choose another --out")
             overwrite = True  # nothing finished: nothing to lose
-    elif out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not overwrite:
-        raise OutputInUseError(f"{out} is not empty and holds no grit build; pass --overwrite or choose another --out")
+    elif (set(top) - {LOCK_FILE} or shard_files or _has_subfolders(out)) and not overwrite:
+        raise OutputInUseError(f"{out.url} is not empty and holds no grit build; pass --overwrite or choose another --out")
     if not write:
         return
     if overwrite:
-        for path in ours:
-            path.unlink(missing_ok=True)
-        if shards.is_dir():
-            for path in shards.iterdir():
-                if path.is_file() and (path.name[:1].isdigit() or path.name.startswith(".")):
-                    path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved, {"config": config.to_dict(), "fingerprint": config.fingerprint()})
+        for name in (CONFIG_FILE, MANIFEST_FILE):
+            if name in top:
+                out.remove(name)
+        for name in shard_files:
+            if name[:1].isdigit() or name.startswith(".") or name == SIZES_FILE:
+                out.remove(f"{SHARDS_DIR}/{name}")
+    out.makedirs()
+    out.write_json(CONFIG_FILE, {"config": config.to_dict(), "fingerprint": config.fingerprint()})
+
+
+def _has_subfolders(out: Folder) -> bool:
+    if out.local:
+        return os.path.isdir(out.root) and any(entry.is_dir() for entry in os.scandir(out.root))
+    try:
+        return any(info.get("type") == "directory" for info in out.fs.ls(out.root, detail=True, refresh=True))
+    except FileNotFoundError:
+        return False
+
+
+def output_folder(config: BuildConfig) -> Folder:
+    """OUT as a Folder (a local folder or an object-store prefix)."""
+    return Folder(config.out_dir, config.storage_options)
 
 
 @contextlib.contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on OUT for the whole build, so two builds never write one folder.
+def output_lock(out: Folder) -> Iterator[None]:
+    """Hold an exclusive lock on a local OUT for the whole build, so two builds never write one folder.
 
-    flock locks die with their process, so a killed build never leaves a stale lock behind.
+    flock locks die with their process, so a killed build never leaves a stale lock behind. Object stores
+    offer no lock that dies with its holder: there, keep one build per OUT (docs/cluster.md).
     """
+    if not out.local:
+        yield
+        return
     import fcntl
 
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK_FILE, "a+b") as handle:
+    out.makedirs()
+    with open(out.path(LOCK_FILE), "a+b") as handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise OutputInUseError(f"another grit build is writing to {out}") from exc
+            raise OutputInUseError(f"another grit build is writing to {out.url}") from exc
         try:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def discover_inputs(config: BuildConfig) -> list[InputShard]:
+    """Every input shard of the build, in order; InputError (one line, naming the input) when one cannot be
+    read."""
+    from grit_pipeline.inputs import InputError
+
+    shards: list[InputShard] = []
+    for raw in config.inputs:  # one input at a time, so that an error names its input
+        try:
+            shards += discover_shards([raw], config.samples_per_shard, config.images_dir, config.storage_options)
+        except InputError:
+            raise
+        except StorageError as exc:
+            raise InputError(str(exc)) from exc
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{raw}: cannot be read as a build input ({type(exc).__name__}: {exc})") from exc
+        except Exception as exc:  # an object store's own errors: endpoint, credentials, bucket
+            raise InputError(describe_storage_error(raw, exc)) from exc
+    return shards
+
+
 def run_build(config: BuildConfig, overwrite: bool = False, stream: TextIO = sys.stderr) -> BuildResult:
     """Build (or resume) the output of `config`; returns the manifest and failures (never raises on a shard).
 
     What can refuse a build is checked before OUT is touched: the inputs are discovered (InputError names
-    the input that cannot be read) and OUT is checked (OutputInUseError), so a refused build leaves OUT as
-    it was. A build that created OUT and raises before any shard is written removes OUT again.
+    the input that cannot be read), OUT's storage is checked (StorageError: endpoint, credentials, bucket,
+    permission) and OUT's contents are checked (OutputInUseError), so a refused build leaves OUT as it was.
+    A build that created a local OUT and raises before any shard is written removes OUT again.
     """
     import shutil
 
-    from grit_pipeline.inputs import InputError
-
     started = time.time()
-    shards: list[InputShard] = []
-    for raw in config.inputs:  # one input at a time, so that an error names its input
-        try:
-            shards += discover_shards([raw], config.samples_per_shard, config.images_dir)
-        except InputError:
-            raise
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{raw}: cannot be read as a build input ({type(exc).__name__}: {exc})") from exc
-    prepare_output(config, overwrite, write=False)
-    out = Path(config.out_dir)
-    created = not out.exists()
+    shards = discover_inputs(config)
+    out = output_folder(config)
+    out.check_access(write=True)
+    try:
+        prepare_output(config, overwrite, write=False)
+    except OutputInUseError:
+        raise
+    except Exception as exc:
+        raise StorageError(describe_storage_error(out.url, exc)) from exc
+    created = out.local and not os.path.exists(out.root)
     with output_lock(out):
         try:
             return _run_build(config, overwrite, stream, shards, started)
         except BaseException:
-            folder = out / SHARDS_DIR
-            if created and not (folder.is_dir() and any(p.name[:1].isdigit() for p in folder.iterdir())):
-                shutil.rmtree(out, ignore_errors=True)  # there was no OUT, and no shard was written into it
+            if created and not any(name[:1].isdigit() for name in out.files(SHARDS_DIR)):
+                shutil.rmtree(out.root, ignore_errors=True)  # there was no OUT, and no shard was written into it
             raise
 
 
 def _run_build(config: BuildConfig, overwrite: bool, stream: TextIO, shards: list[InputShard],
                started: float) -> BuildResult:
     prepare_output(config, overwrite)
-    folder = Path(config.out_dir) / SHARDS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(folder)
-    pending = [(i, s) for i, s in enumerate(shards) if not ShardPaths(folder, i).is_complete()]
+    out = output_folder(config)
+    folder = out.child(SHARDS_DIR)
+    folder.makedirs()
+    folder.remove_stale_temporaries()
+    previous = _previous_manifest(out)
+    done_before = completed_shards(folder, len(shards), previous)
+    pending = [(i, s) for i, s in enumerate(shards) if i not in done_before]
     progress = Progress(total_shards=len(shards), interval=config.progress_interval, stream=stream)
     progress.shards_done = len(shards) - len(pending)
-    sink = ShardSink(config, progress)
+    sink = ShardSink(progress)
     run_started = time.time()
     if pending:
         from grit_pipeline.stages.stage_list import build_stages
 
-        runner_for(config)(config, build_stages(config), pending, sink, progress)
+        runner_for(config)(config, build_stages(config), pending, ShardWriter(folder), sink)
     run_seconds = time.time() - run_started
     steady = progress.steady_rate()
-    manifest = _finish(config, shards, sink, {"started_unix": round(started, 3), "run_seconds": round(run_seconds, 3),
-                                              "total_seconds": round(time.time() - started, 3),
-                                              "shards_processed": len(pending), "samples_processed": progress.samples,
-                                              "steady_samples_per_s": round(steady, 1) if steady else None})
+    timings = {"started_unix": round(started, 3), "run_seconds": round(run_seconds, 3),
+               "total_seconds": round(time.time() - started, 3), "shards_processed": len(pending),
+               "samples_processed": progress.samples, "steady_samples_per_s": round(steady, 1) if steady else None}
+    entries = [_entry(index, sink, done_before) for index in range(len(shards))]
+    manifest = build_manifest(config.to_dict(), config.fingerprint(), entries,
+                              models=_models(config, sink, previous.get("models") or {}),
+                              inputs=fingerprint_inputs(config.inputs, config.storage_options), timings=timings)
+    write_manifest(out, manifest)
     return BuildResult(manifest, dict(sink.failures), len(shards) - len(pending))
+
+
+def _entry(index: int, sink: ShardSink, done_before: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Shard `index`'s manifest entry: written in this run, complete before it, or failed."""
+    name = shard_name(index)
+    if index in sink.written:
+        return shard_entry(name, sink.written[index])
+    if index in done_before:
+        return done_before[index]
+    return shard_entry(name, None, sink.failures.get(index, "not written"))
+
+
+def completed_shards(folder: Folder, count: int, previous: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The manifest entries of the shards among the first `count` that are complete in `folder`.
+
+    One listing of the folder decides; a shard the previous manifest describes, whose files are listed with
+    the sizes it recorded, is taken from it without reading its stats (a resumed build of 10,000 shards on
+    an object store makes one LIST request per 1000 files, not a GET per shard).
+    """
+    listing = folder.files()
+    known = {e["name"]: e for e in previous.get("shards", []) if e.get("status") == STATUS_COMPLETE}
+    done: dict[int, dict[str, Any]] = {}
+    for index in range(count):
+        name = shard_name(index)
+        if f"{name}_stats.json" not in listing:
+            continue
+        entry = known.get(name)
+        if entry is not None and _entry_matches(entry, listing):
+            done[index] = entry
+            continue
+        stats = read_stats(folder, index, listing)
+        if stats is not None:
+            done[index] = shard_entry(name, stats)
+    return done
+
+
+def _entry_matches(entry: dict[str, Any], listing: dict[str, dict[str, Any]]) -> bool:
+    parquet = entry.get("parquet") or {}
+    if (listing.get(parquet.get("name")) or {}).get("size") != parquet.get("bytes"):
+        return False
+    return entry.get("tar") is None or (listing.get(entry["tar"]) or {}).get("size") == entry.get("bytes")
 
 
 def runner_for(config: BuildConfig) -> Runner:
@@ -187,28 +261,9 @@ def runner_for(config: BuildConfig) -> Runner:
     return run_ray
 
 
-def _finish(config: BuildConfig, shards: list[InputShard], sink: ShardSink, timings: dict[str, Any]) -> dict[str, Any]:
-    folder = Path(config.out_dir) / SHARDS_DIR
-    previous = _previous_manifest(Path(config.out_dir))
-    previous_seconds = {e["name"]: e["seconds"] for e in previous.get("shards", []) if e.get("seconds") is not None}
-    entries = []
-    for index in range(len(shards)):
-        stats = read_stats(folder, index)
-        entry = shard_entry(shard_name(index), stats, sink.failures.get(index, "not written"))
-        entry["seconds"] = sink.seconds.get(index, previous_seconds.get(entry["name"]))
-        entries.append(entry)
-    manifest = build_manifest(config.to_dict(), config.fingerprint(), entries,
-                              models=_models(config, sink, previous.get("models") or {}),
-                              inputs=fingerprint_inputs(config.inputs), timings=timings)
-    write_manifest(config.out_dir, manifest)
-    return manifest
-
-
-def _previous_manifest(out: Path) -> dict[str, Any]:
+def _previous_manifest(out: Folder) -> dict[str, Any]:
     """The manifest an earlier run of this build wrote ({} when there is none or it is unusable): its shard
-    timings and grounder descriptions are kept for the shards it finished."""
-    if not (out / MANIFEST_FILE).is_file():
-        return {}
+    entries and grounder descriptions are kept for the shards it finished."""
     try:
         return load_manifest(out)
     except ManifestError:

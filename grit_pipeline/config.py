@@ -31,7 +31,10 @@ RAY_ENGINES = ("auto", "data", "actors")
 # fingerprint, so a rerun on another runner or cluster resumes the same output. Batch sizes stay in: a
 # detector's output can depend on its batch-mates.
 _NOT_FINGERPRINTED = frozenset({"runner", "ray_address", "ray_engine", "out_dir", "progress_interval", "gpus_per_grounder",
-                                "grounder_workers"})
+                                "grounder_workers", "storage_options"})
+# Saved configs never hold secrets: a storage option whose name says it is one is written as this.
+REDACTED = "<redacted>"
+_SECRET_WORDS = ("secret", "token", "password", "key", "credential", "sas")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class BuildConfig:
     grounder_workers: int = 1
     gpus_per_grounder: float = 0.0
     progress_interval: float = 10.0
+    storage_options: dict[str, Any] = field(default_factory=dict)
     text: TextConfig = field(default_factory=TextConfig)
     serialize: SerializeConfig = field(default_factory=SerializeConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
@@ -87,6 +91,7 @@ class BuildConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = config_to_dict(value) if f.name in _STAGE_CONFIGS else _plain(value)
+        out["storage_options"] = redact_secrets(self.storage_options)
         return out
 
     @classmethod
@@ -109,6 +114,27 @@ _STAGE_CONFIGS: dict[str, type] = {"text": TextConfig, "serialize": SerializeCon
                                    "grounding": GroundingConfig, "annotations": AnnotationConfig,
                                    "image": ImageConfig, "frames": FrameConfig, "quality": QualityConfig,
                                    "clip": ClipConfig, "agreement": AgreementConfig}
+
+
+def redact_secrets(options: dict[str, Any]) -> dict[str, Any]:
+    """Storage options with the values of secret-looking names (key, secret, token...) replaced by REDACTED."""
+    def redact(name: str, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: redact(k, v) for k, v in value.items()}
+        return REDACTED if any(word in name.lower() for word in _SECRET_WORDS) else value
+
+    return {name: redact(name, value) for name, value in options.items()}
+
+
+def _without_redacted(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_redacted(v) if isinstance(v, dict) else v for k, v in options.items() if v != REDACTED}
+
+
+def location(text: str) -> str:
+    """An input or output as saved in the config: a URL as given (file:// made a path), a path made absolute."""
+    from grit_pipeline.storage import Folder
+
+    return Folder(text).url
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -192,7 +218,8 @@ def build_config(inputs: tuple[str, ...] | None = None, out_dir: str | None = No
     Starts from `base` (a saved config.json's config, or the defaults), then applies every option that is
     not None: top-level fields by name, stage fields by their flat command-line names (`detector`,
     `box_threshold`, `nms_iou` (a float or "off"), `spacy_model`, `mode`, `box_frame`, ...). Paths are
-    made absolute. When neither the options nor `base` set `gpus_per_grounder`, it is 1 for GroundingDINO
+    made absolute; URLs (s3://, gs://...) are kept. Secret storage options of a saved config are left out
+    (they were never saved): pass them again. When neither the options nor `base` set `gpus_per_grounder`, it is 1 for GroundingDINO
     on a machine with CUDA, else 0. ValueError names an unknown option or an invalid value.
     """
     unknown = sorted(set(options) - OPTION_NAMES)
@@ -200,9 +227,10 @@ def build_config(inputs: tuple[str, ...] | None = None, out_dir: str | None = No
         raise ValueError(f"unknown config option(s): {', '.join(unknown)}")
     values: dict[str, Any] = json.loads(json.dumps(base)) if base else {}
     if inputs is not None:
-        values["inputs"] = [str(Path(p).resolve()) for p in inputs]
+        values["inputs"] = [location(str(p)) for p in inputs]
     if out_dir is not None:
-        values["out_dir"] = str(Path(out_dir).resolve())
+        values["out_dir"] = location(str(out_dir))
+    values["storage_options"] = _without_redacted(values.get("storage_options") or {})
     if not values.get("inputs") or not values.get("out_dir"):
         raise ValueError("a build needs its inputs and an output folder (or a config file that names them)")
     if options.get("quality") is not None:

@@ -3,7 +3,8 @@
 Everything written here is a pure function of the samples: tar members are in key order with a fixed
 mtime, owner and mode, JSON is key-sorted, the parquet schema is fixed. A shard rewritten after a crash is
 therefore byte-identical to one written in an uninterrupted run. Each file is written under a temporary
-name and renamed; the stats file is renamed last and is the shard's completion marker.
+name and committed (renamed, or uploaded whole to an object store); the stats file is committed last and is
+the shard's completion marker.
 """
 
 from __future__ import annotations
@@ -13,17 +14,19 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tarfile
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from grit_pipeline.io import atomic_path, file_sha256, write_bytes_atomic
+from grit_pipeline.io import atomic_path, file_sha256
 from grit_pipeline.records import GRIT20M_SCHEMA, DropReason
+from grit_pipeline.storage import Folder, as_folder
 
 SHARDS_DIR = "shards"
 SHARD_NAME_DIGITS = 5
@@ -142,38 +145,50 @@ class OutputSample:
 
 @dataclass(frozen=True, slots=True)
 class ShardPaths:
-    """The three files of output shard `index` under OUT/shards."""
+    """The names of output shard `index`'s three files in the shards folder (OUT/shards)."""
 
-    folder: Path
+    folder: Folder
     index: int
 
     @property
-    def tar(self) -> Path:
-        """OUT/shards/NNNNN.tar."""
-        return self.folder / f"{shard_name(self.index)}.tar"
+    def tar(self) -> str:
+        """NNNNN.tar."""
+        return f"{shard_name(self.index)}.tar"
 
     @property
-    def parquet(self) -> Path:
-        """OUT/shards/NNNNN.parquet."""
-        return self.folder / f"{shard_name(self.index)}.parquet"
+    def parquet(self) -> str:
+        """NNNNN.parquet."""
+        return f"{shard_name(self.index)}.parquet"
 
     @property
-    def stats(self) -> Path:
-        """OUT/shards/NNNNN_stats.json, the completion marker."""
-        return self.folder / f"{shard_name(self.index)}_stats.json"
+    def stats(self) -> str:
+        """NNNNN_stats.json, the completion marker."""
+        return f"{shard_name(self.index)}_stats.json"
 
-    def complete_stats(self) -> dict[str, Any] | None:
-        """The stats of a complete shard (the stats file exists, written after the tar and the parquet, and so
-        do the files it lists); None when the shard is not complete.
+    def complete_stats(self, listing: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        """The stats of a complete shard, None when the shard is not complete.
+
+        Complete: the stats file (written after the tar and the parquet) exists, and so does every file it
+        lists, with the size it records, so a file replaced after the stats were written is noticed without
+        reading it. `listing` is the shards folder's listing (`Folder.files`) when the caller has one: one
+        LIST request for all shards instead of a request per file on an object store.
 
         A shard that kept no sample has no tar (an empty tar breaks Hugging Face datasets and hangs open_clip's
         loader); its stats say so with `files.tar` null.
         """
-        stats = read_json_file(self.stats)
-        if not isinstance(stats, dict) or not self.parquet.is_file():
+        listing = self.folder.files() if listing is None else listing
+        if self.stats not in listing:
             return None
-        has_tar = (stats.get("files") or {}).get("tar") is not None
-        return stats if not has_tar or self.tar.is_file() else None
+        stats = self.folder.read_json(self.stats)
+        if not isinstance(stats, dict) or not isinstance(stats.get("files"), dict):
+            return None
+        for recorded in stats["files"].values():
+            if recorded is None:
+                continue
+            info = listing.get(recorded.get("name"))
+            if info is None or info.get("size") != recorded.get("bytes"):
+                return None
+        return stats
 
     def is_complete(self) -> bool:
         """True when the shard is complete (see `complete_stats`)."""
@@ -287,29 +302,35 @@ def _write_rest(fd: int, buffers: Sequence[bytes | memoryview], skip: int) -> No
             view = view[os.write(fd, view):]
 
 
-def write_tar(path: Path, members: Sequence[tuple[str, bytes]]) -> tuple[str, int]:
-    """Write `members` (already in order) as a deterministic tar, atomically; returns (sha256, bytes).
+def write_tar(path: str | os.PathLike[str], members: Sequence[tuple[str, bytes]]) -> tuple[str, int]:
+    """Write `members` (already in order) as a deterministic tar at a local `path`, atomically; returns
+    (sha256, bytes). See `write_tar_file`."""
+    with atomic_path(path) as tmp:
+        return write_tar_file(tmp, members)
+
+
+def write_tar_file(path: str, members: Sequence[tuple[str, bytes]]) -> tuple[str, int]:
+    """Write `members` (already in order) as a deterministic tar to `path`; returns (sha256, bytes).
 
     The bytes are exactly what tarfile.open(mode="w", format=USTAR_FORMAT) + addfile(tar_member(...)) writes
     (a header block per member, the data padded to 512 bytes, two zero blocks, zeros up to a 10240-byte
     record), but the image bytes are handed to the kernel as they are (writev, no copy through tarfile's
     buffers) and hashed on the way, so the finished file is never read back.
     """
-    with atomic_path(path) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            out = _HashingWriter(fd)
-            for name, data in members:
-                out.add(tar_header(name, len(data)))
-                if data:
-                    out.add(data)
-                    if len(data) % tarfile.BLOCKSIZE:
-                        out.add(_ZEROS[: tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE])
-            end = out.offset + 2 * tarfile.BLOCKSIZE
-            out.add(_ZEROS[: 2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE])
-            out.flush()
-        finally:
-            os.close(fd)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        out = _HashingWriter(fd)
+        for name, data in members:
+            out.add(tar_header(name, len(data)))
+            if data:
+                out.add(data)
+                if len(data) % tarfile.BLOCKSIZE:
+                    out.add(_ZEROS[: tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE])
+        end = out.offset + 2 * tarfile.BLOCKSIZE
+        out.add(_ZEROS[: 2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE])
+        out.flush()
+    finally:
+        os.close(fd)
     return out.sha256.hexdigest(), out.size
 
 
@@ -330,20 +351,19 @@ def extra_clip_columns(row: dict[str, Any]) -> list[str]:
     return sorted(k for k in row if k.startswith("clip_similarity_") and k not in GRIT20M_SCHEMA.names)
 
 
-def write_metadata(path: Path, samples: Sequence[OutputSample]) -> None:
-    """The shard's parquet: one row per input sample, in key order (which is input order), atomically."""
+def write_metadata(path: str, samples: Sequence[OutputSample]) -> None:
+    """The shard's parquet at `path`: one row per input sample, in key order (which is input order)."""
     import pyarrow.parquet as pq
 
     rows = [s.metadata_row() for s in sorted(samples, key=lambda s: s.key)]
-    with atomic_path(path) as tmp:
-        if rows:
-            extra = sorted({name for row in rows for name in extra_clip_columns(row)})  # another CLIP model's
-            schema = METADATA_SCHEMA
-            for name in extra:
-                schema = schema.append(pa.field(name, pa.float64()))
-            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd")
-        else:  # no row group at all: a 0-row group makes Hugging Face's parquet builder fail (batch size 0)
-            pq.ParquetWriter(tmp, METADATA_SCHEMA, compression="zstd").close()
+    if rows:
+        extra = sorted({name for row in rows for name in extra_clip_columns(row)})  # another CLIP model's
+        schema = METADATA_SCHEMA
+        for name in extra:
+            schema = schema.append(pa.field(name, pa.float64()))
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, compression="zstd")
+    else:  # no row group at all: a 0-row group makes Hugging Face's parquet builder fail (batch size 0)
+        pq.ParquetWriter(path, METADATA_SCHEMA, compression="zstd").close()
 
 
 def shard_stats(index: int, samples: Sequence[OutputSample], source: dict[str, Any],
@@ -371,9 +391,19 @@ def shard_stats(index: int, samples: Sequence[OutputSample], source: dict[str, A
     }
 
 
-def write_shard(folder: Path, index: int, samples: Sequence[OutputSample], source: dict[str, Any],
-                read_errors: Sequence[str] = ()) -> dict[str, Any]:
-    """Write output shard `index`: the tar, the parquet, then the stats file; returns the stats."""
+def write_shard(folder: Folder | str | os.PathLike[str], index: int, samples: Sequence[OutputSample],
+                source: dict[str, Any], read_errors: Sequence[str] = (),
+                written_by: dict[str, Any] | None = None, started: float | None = None) -> dict[str, Any]:
+    """Write output shard `index` into the shards folder: the tar, the parquet, then the stats file (the
+    completion marker, naming who wrote the shard and, from `started` (time.time()), how long it took);
+    returns the stats.
+
+    Each file is committed whole (`Folder.staged`: a rename locally, a completed upload on an object store),
+    and the stats file only after both, so a shard is complete exactly when its stats file exists and agrees
+    with the files (`ShardPaths.complete_stats`).
+    """
+    folder = as_folder(folder)
+    folder.makedirs()
     paths = ShardPaths(folder, index)
     keys = [s.key for s in samples]
     if len(set(keys)) != len(keys):
@@ -381,37 +411,36 @@ def write_shard(folder: Path, index: int, samples: Sequence[OutputSample], sourc
     members = tar_members(samples)
     tar_file = None
     if members:
-        tar_sha, tar_bytes = write_tar(paths.tar, members)
-        tar_file = {"name": paths.tar.name, "sha256": tar_sha, "bytes": tar_bytes}
+        with folder.staged(paths.tar) as tmp:
+            tar_sha, tar_bytes = write_tar_file(tmp, members)
+        tar_file = {"name": paths.tar, "sha256": tar_sha, "bytes": tar_bytes}
     else:  # nothing kept: no tar at all (readers choke on an empty one)
-        paths.tar.unlink(missing_ok=True)
-    write_metadata(paths.parquet, samples)
+        folder.remove(paths.tar)
+    with folder.staged(paths.parquet) as tmp:
+        write_metadata(tmp, samples)
+        parquet_file = {"name": paths.parquet, "sha256": file_sha256(tmp), "bytes": os.path.getsize(tmp)}
     stats = shard_stats(index, samples, source, read_errors)
-    stats["files"] = {"tar": tar_file, "parquet": {"name": paths.parquet.name, "sha256": file_sha256(paths.parquet),
-                                                   "bytes": paths.parquet.stat().st_size}}
-    write_bytes_atomic(paths.stats, (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
+    stats["files"] = {"tar": tar_file, "parquet": parquet_file}
+    if written_by is not None:
+        stats["written_by"] = written_by
+    if started is not None:
+        stats["seconds"] = round(time.time() - started, 3)
+    folder.write_bytes(paths.stats, (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
     return stats
 
 
-def read_stats(folder: Path, index: int) -> dict[str, Any] | None:
+def read_stats(folder: Folder | str | os.PathLike[str], index: int,
+               listing: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """The stats of a complete shard, None when it is not complete."""
-    return ShardPaths(folder, index).complete_stats()
+    return ShardPaths(as_folder(folder), index).complete_stats(listing)
 
 
-def read_json_file(path: Path) -> Any:
-    """The parsed JSON of a file; None when it is missing or not JSON."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+def writer_identity() -> dict[str, Any]:
+    """Who writes a shard: the Ray node id (None outside Ray), host name and process id."""
+    import socket
 
-
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporary files left by a killed run (".NAME.tmpPID"); returns how many."""
-    removed = 0
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if path.name.startswith(".") and ".tmp" in path.name:
-                path.unlink(missing_ok=True)
-                removed += 1
-    return removed
+    node = None
+    ray = sys.modules.get("ray")  # only a process Ray started (or a driver that imported it) has a node
+    if ray is not None and ray.is_initialized():
+        node = ray.get_runtime_context().get_node_id()
+    return {"node": node, "host": socket.gethostname(), "pid": os.getpid()}

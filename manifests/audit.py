@@ -11,16 +11,17 @@ when the build stored the original pixels).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grit_pipeline.io import file_sha256
 from grit_pipeline.manifests.findings import AuditReport, Check, Finding
-from grit_pipeline.manifests.manifest import ManifestError, load_manifest, load_sizes
+from grit_pipeline.manifests.manifest import SHARDS_DIR, ManifestError, load_manifest, load_sizes
 from grit_pipeline.manifests.sample_checks import AuditOptions, audit_sample, iter_tar_samples
 from grit_pipeline.stages.serialize import SerializeConfig
+from grit_pipeline.storage import Folder
 
 __all__ = [
     "AuditOptions",
@@ -50,14 +51,16 @@ class ShardExpectation:
 
 
 def audit_build(
-    out_dir: str | Path, *, decode_images: bool = True, check_image_size: bool | None = None
+    out_dir: str | Path | Folder, *, decode_images: bool = True, check_image_size: bool | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> AuditReport:
-    """Audit a `grit build` output folder; never raises on bad data, every problem becomes a Finding.
+    """Audit a `grit build` output (a folder or an object-store URL); never raises on bad data, every problem
+    becomes a Finding.
 
     `check_image_size`: compare each image's size with the .json's stored_width/stored_height (None: yes).
     """
-    out = Path(out_dir)
-    report = AuditReport(out_dir=str(out))
+    out = out_dir if isinstance(out_dir, Folder) else Folder(out_dir, storage_options)
+    report = AuditReport(out_dir=out.url)
     try:
         manifest = load_manifest(out)
     except ManifestError as exc:
@@ -67,18 +70,19 @@ def audit_build(
     options = audit_options(manifest, decode_images=decode_images)
     if check_image_size is not None:
         options = dataclasses.replace(options, check_image_size=check_image_size)
-    report.findings += _check_shard_set(out / "shards", expectations)
+    shards = out.child(SHARDS_DIR)
+    listing = shards.files()
+    report.findings += _check_shard_set(listing, expectations)
     report.findings += _check_sizes_json(out, expectations)
     seen_keys: dict[str, str] = {}
     for expectation in expectations.values():
-        path = out / "shards" / expectation.name
         if expectation.failed is None and not expectation.has_tar:  # kept nothing: only its parquet to check
-            report.findings += _check_metadata(path.with_suffix(".parquet"), expectation, [])
+            report.findings += _check_metadata(shards, listing, expectation, [])
             continue
-        if expectation.failed is not None or not path.is_file():
+        if expectation.failed is not None or expectation.name not in listing:
             continue
         report.shards_checked += 1
-        samples, findings = audit_shard(path, expectation, options, seen_keys)
+        samples, findings = audit_shard(shards, listing, expectation, options, seen_keys)
         report.samples_checked += samples
         report.findings += findings
     return report
@@ -115,10 +119,10 @@ def audit_options(manifest: Mapping[str, Any], *, decode_images: bool = True) ->
     return AuditOptions(serialize=serialize, decode_images=decode_images)
 
 
-def _check_shard_set(shards_dir: Path, expectations: Mapping[str, ShardExpectation]) -> list[Finding]:
-    """Missing, extra, failed and incomplete shards."""
+def _check_shard_set(listing: Mapping[str, Any], expectations: Mapping[str, ShardExpectation]) -> list[Finding]:
+    """Missing, extra, failed and incomplete shards (from one listing of OUT/shards)."""
     findings = []
-    present = {p.name for p in shards_dir.glob("*.tar")} if shards_dir.is_dir() else set()
+    present = {name for name in listing if name.endswith(".tar")}
     for name, expectation in expectations.items():
         if expectation.failed is not None:
             findings.append(
@@ -129,11 +133,11 @@ def _check_shard_set(shards_dir: Path, expectations: Mapping[str, ShardExpectati
         elif not expectation.has_tar:
             if name in present:
                 findings.append(Finding(Check.SHARD_EXTRA, "the shard kept nothing, yet a tar is there", name))
-            if not (shards_dir / name.replace(".tar", "_stats.json")).is_file():
+            if name.replace(".tar", "_stats.json") not in listing:
                 findings.append(Finding(Check.SHARD_INCOMPLETE, "no _stats.json completion marker", name))
         elif name not in present:
             findings.append(Finding(Check.SHARD_MISSING, "listed in the manifest but not in shards/", name))
-        elif not (shards_dir / name.replace(".tar", "_stats.json")).is_file():
+        elif name.replace(".tar", "_stats.json") not in listing:
             findings.append(
                 Finding(Check.SHARD_INCOMPLETE, "no _stats.json completion marker next to it", name)
             )
@@ -142,13 +146,15 @@ def _check_shard_set(shards_dir: Path, expectations: Mapping[str, ShardExpectati
     return findings
 
 
-def _check_sizes_json(out: Path, expectations: Mapping[str, ShardExpectation]) -> list[Finding]:
+def _check_sizes_json(out: Folder, expectations: Mapping[str, ShardExpectation]) -> list[Finding]:
     """shards/sizes.json (open_clip reads it next to the tars) gives every tar its manifest sample count and
     names no other file."""
     try:
         sizes = load_sizes(out)
     except (OSError, ValueError) as exc:
         return [Finding(Check.SIZES_JSON, f"cannot read shards/sizes.json: {exc}")]
+    except Exception as exc:  # an object store's own errors
+        return [Finding(Check.SIZES_JSON, f"cannot read shards/sizes.json: {type(exc).__name__}: {exc}")]
     findings = []
     for name, expectation in expectations.items():
         if expectation.failed is None and not expectation.has_tar:
@@ -166,24 +172,28 @@ def _check_sizes_json(out: Path, expectations: Mapping[str, ShardExpectation]) -
 
 
 def audit_shard(
-    path: Path, expectation: ShardExpectation, options: AuditOptions, seen_keys: dict[str, str]
+    shards: Folder, listing: Mapping[str, Any], expectation: ShardExpectation, options: AuditOptions,
+    seen_keys: dict[str, str],
 ) -> tuple[int, list[Finding]]:
     """Check one tar (and its parquet) against the manifest and every sample in it; returns (samples, findings)."""
-    name = path.name
-    findings = _check_shard_file(path, expectation)
+    name = expectation.name
+    findings = _check_shard_file(shards, listing, expectation)
     keys: list[str] = []
-    for key, files in iter_tar_samples(path, findings):
+    with shards.open(name) as handle:
+        samples = list(iter_tar_samples(handle, findings, name))
+    for key, files in samples:
         keys.append(key)
         findings += _check_key(name, key, seen_keys)
         findings += audit_sample(name, key, files, options)
     if expectation.samples is not None and len(keys) != expectation.samples:
         message = f"{len(keys)} samples in the tar, manifest says {expectation.samples}"
         findings.append(Finding(Check.SHARD_COUNT, message, name))
-    findings += _check_metadata(path.with_suffix(".parquet"), expectation, keys)
+    findings += _check_metadata(shards, listing, expectation, keys)
     return len(keys), findings
 
 
-def _check_metadata(path: Path, expectation: ShardExpectation, tar_keys: list[str]) -> list[Finding]:
+def _check_metadata(shards: Folder, listing: Mapping[str, Any], expectation: ShardExpectation,
+                    tar_keys: list[str]) -> list[Finding]:
     """The shard's parquet: its sha256, one row per input sample, kept rows exactly the tar's samples."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -191,17 +201,19 @@ def _check_metadata(path: Path, expectation: ShardExpectation, tar_keys: list[st
     from grit_pipeline.shards import KEPT
 
     shard = expectation.name
-    if not path.is_file():
-        return [Finding(Check.SHARD_METADATA, f"{path.name} is missing", shard)]
+    parquet = shard.removesuffix(".tar") + ".parquet"
+    if parquet not in listing:
+        return [Finding(Check.SHARD_METADATA, f"{parquet} is missing", shard)]
     findings = []
-    if expectation.parquet_sha256 is not None and file_sha256(path) != expectation.parquet_sha256:
-        findings.append(Finding(Check.SHARD_METADATA, f"{path.name} sha256 differs from the manifest", shard))
+    data = shards.read_bytes(parquet)
+    if expectation.parquet_sha256 is not None and hashlib.sha256(data).hexdigest() != expectation.parquet_sha256:
+        findings.append(Finding(Check.SHARD_METADATA, f"{parquet} sha256 differs from the manifest", shard))
     try:
-        rows = pq.read_table(path, columns=["key", "status", "drop_reason"]).to_pylist()
+        rows = pq.read_table(pa.BufferReader(data), columns=["key", "status", "drop_reason"]).to_pylist()
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
-        return [*findings, Finding(Check.SHARD_METADATA, f"{path.name} cannot be read: {exc}", shard)]
+        return [*findings, Finding(Check.SHARD_METADATA, f"{parquet} cannot be read: {exc}", shard)]
     if expectation.inputs is not None and len(rows) != expectation.inputs:
-        message = f"{path.name} has {len(rows)} rows, manifest counts {expectation.inputs} input samples"
+        message = f"{parquet} has {len(rows)} rows, manifest counts {expectation.inputs} input samples"
         findings.append(Finding(Check.SHARD_METADATA, message, shard))
     kept = {str(r["key"]) for r in rows if r["status"] == KEPT}
     for key in sorted(kept.symmetric_difference(tar_keys))[:10]:
@@ -219,22 +231,23 @@ def _check_metadata(path: Path, expectation: ShardExpectation, tar_keys: list[st
     return findings
 
 
-def _check_shard_file(path: Path, expectation: ShardExpectation) -> list[Finding]:
+def _check_shard_file(shards: Folder, listing: Mapping[str, Any], expectation: ShardExpectation) -> list[Finding]:
     """Byte size and sha256 against the manifest."""
     findings = []
-    size = path.stat().st_size
+    name = expectation.name
+    size = listing[name].get("size")
     if expectation.bytes is not None and size != expectation.bytes:
         findings.append(
-            Finding(Check.SHARD_BYTES, f"{size} bytes, manifest says {expectation.bytes}", path.name)
+            Finding(Check.SHARD_BYTES, f"{size} bytes, manifest says {expectation.bytes}", name)
         )
     if expectation.sha256 is not None:
-        digest = file_sha256(path)
+        digest = shards.sha256(name)
         if digest != expectation.sha256:
             findings.append(
                 Finding(
                     Check.SHARD_SHA256,
                     f"sha256 {digest[:16]}... differs from manifest {expectation.sha256[:16]}...",
-                    path.name,
+                    name,
                 )
             )
     return findings

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from grit_pipeline.manifests.audit import audit_options, shard_expectations
-from grit_pipeline.manifests.manifest import ManifestError, load_manifest
+from grit_pipeline.manifests.manifest import SHARDS_DIR, ManifestError, load_manifest
 from grit_pipeline.manifests.sample_checks import iter_tar_samples
 from grit_pipeline.records import Box, GritRecord, MalformedRecordError, Span
 from grit_pipeline.stages.serialize import SerializeConfig, serialize_record, serialized_entries, trim_span
+from grit_pipeline.storage import FileRef, Folder, as_folder
 
 # Ten distinct colours (matplotlib's tab10), readable on photos and on white.
 PALETTE = (
@@ -82,32 +83,36 @@ def kept_entities(record: GritRecord, config: SerializeConfig) -> tuple[ShownEnt
     return tuple(shown)
 
 
-def _shard_paths(out_dir: Path, manifest: Mapping[str, Any]) -> list[Path]:
+def _shard_paths(out: Folder, manifest: Mapping[str, Any]) -> list[FileRef]:
     """The tars of the manifest's shards that exist, in shard order."""
-    names = sorted(shard_expectations(manifest))
-    return [out_dir / "shards" / name for name in names if (out_dir / "shards" / name).is_file()]
+    shards = out.child(SHARDS_DIR)
+    listing = shards.files()
+    return [FileRef(shards, name) for name in sorted(shard_expectations(manifest)) if name in listing]
 
 
-def _iter_shard(path: Path, config: SerializeConfig) -> Iterator[ShownSample]:
+def _iter_shard(path: FileRef, config: SerializeConfig) -> Iterator[ShownSample]:
     """The readable samples of one tar (the audit's reader); a tar that breaks off ends early (the audit
     reports it)."""
-    for key, files in iter_tar_samples(path):
-        sample = _shown_sample(path.name, key, files, config)
-        if sample is not None:
-            yield sample
+    with path.open() as handle:
+        for key, files in iter_tar_samples(handle, name=path.name):
+            sample = _shown_sample(path.name, key, files, config)
+            if sample is not None:
+                yield sample
 
 
-def _iter_shards(paths: Sequence[Path], config: SerializeConfig) -> Iterator[ShownSample]:
+def _iter_shards(paths: Sequence[FileRef], config: SerializeConfig) -> Iterator[ShownSample]:
     """The readable samples of the tars, in order."""
     for path in paths:
         yield from _iter_shard(path, config)
 
 
-def pick_samples(out_dir: Path, count: int, manifest: Mapping[str, Any] | None = None) -> list[ShownSample]:
+def pick_samples(out_dir: Folder | str | Path, count: int, manifest: Mapping[str, Any] | None = None
+                 ) -> list[ShownSample]:
     """Up to `count` samples spread evenly over the shards (the first of each), topped up in build order.
 
     `manifest`: the build's, already loaded (read here when None).
     """
+    out_dir = as_folder(out_dir)
     manifest = read_manifest(out_dir) if manifest is None else manifest
     config = audit_options(manifest).serialize
     paths = _shard_paths(out_dir, manifest)
@@ -201,13 +206,14 @@ class Selection:
         return ", ".join(parts)
 
 
-def select_samples(out_dir: Path, count: int, selection: Selection,
+def select_samples(out_dir: Folder | str | Path, count: int, selection: Selection,
                    manifest: Mapping[str, Any] | None = None) -> list[tuple[ShownSample, dict[str, float | None]]]:
     """Up to `count` samples of the whole build that pass `selection`'s filters, lowest `selection.sort`
     first (unknown values last; ties in build order), or in build order without a sort; with their metrics.
     Only `count` samples are held at a time."""
     import heapq
 
+    out_dir = as_folder(out_dir)
     manifest = read_manifest(out_dir) if manifest is None else manifest
     config = audit_options(manifest).serialize
     paths = _shard_paths(out_dir, manifest)
@@ -225,7 +231,7 @@ def select_samples(out_dir: Path, count: int, selection: Selection,
     return [(sample, metrics) for _, sample, metrics in best]
 
 
-def read_manifest(out_dir: Path) -> dict[str, Any]:
+def read_manifest(out_dir: Folder | str | Path) -> dict[str, Any]:
     """The build's manifest (loaded and checked by `load_manifest`), or GalleryError."""
     try:
         return load_manifest(out_dir)
@@ -233,13 +239,13 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
         raise GalleryError(str(exc)) from exc
 
 
-def write_gallery(out_dir: str | Path, html_path: str | Path, count: int = 50,
+def write_gallery(out_dir: Folder | str | Path, html_path: str | Path, count: int = 50,
                   selection: Selection | None = None) -> int:
     """Write the self-contained HTML gallery of `count` samples, spread over the shards or, with an active
     `selection`, the ones it picks in its order; returns how many."""
     from grit_pipeline.io import write_bytes_atomic
 
-    out = Path(out_dir)
+    out = as_folder(out_dir)
     manifest = read_manifest(out)
     heading = None
     if selection is not None and selection.active:
@@ -247,7 +253,7 @@ def write_gallery(out_dir: str | Path, html_path: str | Path, count: int = 50,
         heading = selection.describe()
     else:
         samples = pick_samples(out, count, manifest)
-    page = render_page(out.name or str(out), manifest, samples, shard_table_rows(out, manifest), heading)
+    page = render_page(out.url.rsplit("/", 1)[-1] or out.url, manifest, samples, shard_table_rows(out, manifest), heading)
     write_bytes_atomic(html_path, page.encode("utf-8"))
     return len(samples)
 
@@ -266,8 +272,9 @@ class ShardRow:
     drop_reasons: dict[str, int]
 
 
-def shard_table_rows(out: Path, manifest: Mapping[str, Any]) -> list[ShardRow]:
+def shard_table_rows(out: Folder | str | Path, manifest: Mapping[str, Any]) -> list[ShardRow]:
     """Per shard, from its manifest entry: status, input/kept/span counts, size, sha256 and drop reasons."""
+    listing = as_folder(out).child(SHARDS_DIR).files()
     rows = []
     for entry in manifest.get("shards", []):
         counts = entry.get("counts") or {}
@@ -275,7 +282,7 @@ def shard_table_rows(out: Path, manifest: Mapping[str, Any]) -> list[ShardRow]:
         status = str(entry.get("status", "complete"))
         if status == "complete" and entry.get("tar") is None:
             status = "complete (kept nothing: no tar)"
-        elif status == "complete" and not (out / "shards" / tar).is_file():
+        elif status == "complete" and tar not in listing:
             status = "missing"
         rows.append(ShardRow(tar, status, counts.get("input"), counts.get("kept"), counts.get("spans"),
                              entry.get("bytes"), entry.get("sha256"), dict(entry.get("drop_reasons") or {})))  # fmt: skip
@@ -472,18 +479,19 @@ def drop_chart_svg(counts: Counter[str], nothing: str = "Nothing was dropped.", 
     )
 
 
-def find_sample(out_dir: str | Path, key: str) -> ShownSample:
+def find_sample(out_dir: Folder | str | Path, key: str) -> ShownSample:
     """The sample with this key, or GalleryError; the shard the key names is searched first, then every shard."""
-    out = Path(out_dir)
+    out = as_folder(out_dir)
     manifest = read_manifest(out)
     config = audit_options(manifest).serialize
     likely = _shard_of_key(key, manifest)
     for path in sorted(_shard_paths(out, manifest), key=lambda p: p.name != likely):
-        for member_key, files in iter_tar_samples(path):
-            sample = _shown_sample(path.name, key, files, config) if member_key == key else None
-            if sample is not None:
-                return sample
-    raise GalleryError(f"no readable sample with key {key!r} in {out_dir}")
+        with path.open() as handle:
+            for member_key, files in iter_tar_samples(handle, name=path.name):
+                sample = _shown_sample(path.name, key, files, config) if member_key == key else None
+                if sample is not None:
+                    return sample
+    raise GalleryError(f"no readable sample with key {key!r} in {out.url}")
 
 
 def _shard_of_key(key: str, manifest: Mapping[str, Any]) -> str | None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import subprocess
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from grit_pipeline.io import write_json_atomic
+from grit_pipeline.storage import Folder, StorageError, describe_storage_error
 
 SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.json"
@@ -79,6 +80,8 @@ def shard_entry(name: str, stats: Mapping[str, Any] | None, error: str | None = 
         "read_errors": stats.get("read_errors", []),
         "source": stats.get("source"),
         "distributions": stats.get("distributions") or {},
+        "written_by": stats.get("written_by"),
+        "seconds": stats.get("seconds"),
     }
 
 
@@ -161,22 +164,30 @@ def shard_urls_pattern(manifest: Mapping[str, Any]) -> str | None:
     return f"{SHARDS_DIR}/{body}.tar"
 
 
-def write_manifest(out_dir: str | Path, manifest: Mapping[str, Any]) -> None:
-    """Write shards/sizes.json (where open_clip looks: next to the tars) then manifest.json, atomically."""
-    out = Path(out_dir)
-    write_json_atomic(out / SHARDS_DIR / SIZES_FILE, sizes_json(manifest))
-    write_json_atomic(out / MANIFEST_FILE, manifest)
+def write_manifest(out: Folder | str | Path, manifest: Mapping[str, Any]) -> None:
+    """Write shards/sizes.json (where open_clip looks: next to the tars) then manifest.json, each atomically."""
+    folder = out if isinstance(out, Folder) else Folder(out)
+    folder.write_json(f"{SHARDS_DIR}/{SIZES_FILE}", sizes_json(manifest))
+    folder.write_json(MANIFEST_FILE, manifest)
 
 
-def load_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and check a manifest (OUT or OUT/manifest.json); raises ManifestError when it is unusable."""
-    file = Path(path)
-    if file.is_dir():
-        file = file / MANIFEST_FILE
+def load_manifest(path: Folder | str | Path, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read and check a manifest (OUT or OUT/manifest.json, a path or URL); raises ManifestError when it is
+    unusable."""
+    folder = path if isinstance(path, Folder) else Folder(path, storage_options)
+    name = MANIFEST_FILE
+    if folder.url.endswith("/" + MANIFEST_FILE) or (folder.local and os.path.isfile(folder.root)):
+        parent, _, name = folder.url.rpartition("/")
+        folder = Folder(parent, folder.storage_options)
+    file = folder.url_of(name)
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(folder.read_bytes(name).decode("utf-8"))
+    except StorageError as exc:
+        raise ManifestError(str(exc)) from exc
     except (OSError, ValueError) as exc:
         raise ManifestError(f"cannot read {file}: {exc}") from exc
+    except Exception as exc:  # an object store's own errors (credentials, endpoint)
+        raise ManifestError(describe_storage_error(file, exc)) from exc
     if not isinstance(data, dict):
         raise ManifestError(f"{file}: not a JSON object")
     missing = [k for k in ("format", "config", "shards", "totals") if k not in data]
@@ -190,6 +201,7 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_sizes(out_dir: str | Path) -> dict[str, int]:
+def load_sizes(out: Folder | str | Path) -> dict[str, int]:
     """OUT/shards/sizes.json: tar name -> number of samples."""
-    return json.loads((Path(out_dir) / SHARDS_DIR / SIZES_FILE).read_text(encoding="utf-8"))
+    folder = out if isinstance(out, Folder) else Folder(out)
+    return json.loads(folder.read_bytes(f"{SHARDS_DIR}/{SIZES_FILE}").decode("utf-8"))

@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from grit_pipeline.inputs.base import MAX_MEMBER_BYTES
 from grit_pipeline.inputs.tar import iter_tar_groups
@@ -38,7 +38,8 @@ class AuditOptions:
     decode_images: bool = True
 
 
-def iter_tar_samples(path: Path, findings: list[Finding] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(path: Path | IO[bytes], findings: list[Finding] | None = None,
+                     name: str | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample of a shard, read by the pipeline's one tar reader in its strict mode.
 
     A member that is not a plain top-level `KEY.ext` regular file, or is too large, is skipped; it, a
@@ -46,16 +47,17 @@ def iter_tar_samples(path: Path, findings: list[Finding] | None = None) -> Itera
     `findings`, in reading order. Never raises on a bad tar.
     """
     report = findings if findings is not None else []
+    shard = name or Path(str(getattr(path, "name", path))).name
     errors: list[str] = []
     skipped: list[str] = []
     # MAX_MEMBER_BYTES is read here, at call time: a test lowers this module's limit
     for group in iter_tar_groups(path, errors, skipped=skipped, max_member_bytes=MAX_MEMBER_BYTES):
-        report.extend(Finding(Check.MEMBER_NAME, problem, path.name) for problem in skipped)
+        report.extend(Finding(Check.MEMBER_NAME, problem, shard) for problem in skipped)
         skipped.clear()
-        report.extend(Finding(Check.MEMBER_NAME, problem, path.name, group.key) for problem in group.problems)
+        report.extend(Finding(Check.MEMBER_NAME, problem, shard, group.key) for problem in group.problems)
         yield group.key, group.members
-    report.extend(Finding(Check.MEMBER_NAME, problem, path.name) for problem in skipped)
-    report.extend(Finding(Check.SHARD_UNREADABLE, f"tar cannot be read to the end: {e}", path.name) for e in errors)
+    report.extend(Finding(Check.MEMBER_NAME, problem, shard) for problem in skipped)
+    report.extend(Finding(Check.SHARD_UNREADABLE, f"tar cannot be read to the end: {e}", shard) for e in errors)
 
 
 def audit_sample(shard: str, key: str, files: Mapping[str, bytes], options: AuditOptions) -> list[Finding]:

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from grit_pipeline.manifests.gallery import ShownEntity, find_sample
+from grit_pipeline.storage import Folder
 
 
-def render_sample_png(out_dir: str | Path, key: str, target: str | Path, side: int = 640) -> Path:
+def render_sample_png(out_dir: Folder | str | Path, key: str, target: str | Path, side: int = 640) -> Path:
     """Draw one sample's image with its boxes and numbered span labels, and its caption below, as a PNG."""
     from PIL import Image, ImageDraw
 

@@ -91,10 +91,34 @@ class DataPosition:
 # ---------------------------------------------------------------- shard lists and ordering
 
 
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def register_object_store_schemes() -> None:
+    """Let webdataset open s3://, gs://, az://... shard URLs through fsspec, streamed (webdataset's own `gs`
+    handler needs the gsutil program; S3 has none)."""
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # the package's `gopen` attribute is the function
+    for scheme in OBJECT_STORE_SCHEMES:
+        gopen.gopen_schemes[scheme] = _gopen_fsspec
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
+    from grit_pipeline.storage import open_location
+
+    return open_location(url)
+
+
 def list_shards(shards: str | Path) -> tuple[list[str], dict[str, int] | None]:
-    """Shard paths of a build (a folder of NNNNN.tar, one .tar, or a brace pattern) and sizes.json counts."""
+    """Shard paths or URLs of a build (a folder of NNNNN.tar, one .tar, or a brace pattern; local or on an
+    object store) and sizes.json counts."""
     import braceexpand
 
+    from grit_pipeline.storage import is_url
+
+    if is_url(str(shards)):
+        return _list_shard_urls(str(shards))
     path = Path(shards)
     if "{" not in str(shards) and not path.exists():
         raise FileNotFoundError(f"no shards at {shards}")
@@ -113,6 +137,30 @@ def list_shards(shards: str | Path) -> tuple[list[str], dict[str, int] | None]:
         if len(sizes) != len(urls):
             sizes = None  # a partial sizes.json cannot be trusted for skipping
     return urls, sizes
+
+
+def _list_shard_urls(shards: str) -> tuple[list[str], dict[str, int] | None]:
+    import braceexpand
+
+    from grit_pipeline.storage import Folder, parent_and_name
+
+    register_object_store_schemes()
+    folder = Folder(shards)
+    if "{" in shards or shards.endswith(".tar"):
+        urls = list(braceexpand.braceexpand(shards))
+        sizes_folders = [parent_and_name(urls[0])[0]]
+    else:
+        listing = folder.files()
+        urls = [folder.url_of(name) for name in sorted(listing) if name.endswith(".tar")]
+        sizes_folders = [folder, parent_and_name(folder.url)[0]]
+    if not urls:
+        raise FileNotFoundError(f"no .tar shards at {shards}")
+    for candidate in sizes_folders:
+        counts = candidate.read_json("sizes.json")
+        if isinstance(counts, dict):
+            sizes = {url: int(counts[url.rsplit("/", 1)[-1]]) for url in urls if url.rsplit("/", 1)[-1] in counts}
+            return urls, sizes if len(sizes) == len(urls) else None
+    return urls, None
 
 
 def caption_texts(shards: str, limit: int) -> Iterator[str]:
@@ -246,6 +294,7 @@ class WorkerPlan:
         from webdataset.tariterators import tarfile_samples
 
         shards = self.epoch_shards(epoch)
+        register_object_store_schemes()  # in this DataLoader worker too
         samples = tarfile_samples(iter([{"url": url} for url in shards]), handler=handler)
         rng = _rng("buffer", self.config.seed, epoch, self.rank, self.worker)
         return shuffle_buffer(iter(samples), self.config.shuffle_buffer, rng)

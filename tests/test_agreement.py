@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -11,6 +10,7 @@ import pytest
 from grit_pipeline.build import run_build
 from grit_pipeline.config import build_config
 from grit_pipeline.fixtures.detector import build_tiny_grounding_dino
+from grit_pipeline.fixtures.digests import shard_digests
 from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
 from grit_pipeline.records import Box, DropReason
 from grit_pipeline.stages.agreement import confirmed
@@ -44,7 +44,7 @@ def _build(folder: Path, out: Path, detector: Path, agreement: Path | None):
 
 
 def _digests(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "shards").glob("0*"))}
+    return {name: digest for name, digest in shard_digests(out).items() if name[:1].isdigit()}
 
 
 def test_a_detector_that_agrees_with_itself_changes_nothing_and_another_removes_boxes(detectors, tmp_path) -> None:

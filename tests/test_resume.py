@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -16,8 +16,10 @@ from click.testing import CliRunner
 from grit_pipeline.build import OutputInUseError, run_build
 from grit_pipeline.cli import main
 from grit_pipeline.config import BuildConfig
+from grit_pipeline.fixtures.digests import shard_digests
 from grit_pipeline.fixtures.synthetic import generate_scenes, write_scene_folder
 from grit_pipeline.stages.serialize import SerializeConfig
+from grit_pipeline.storage import Folder
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,9 @@ def _config(inputs: Path, out: Path, **options) -> BuildConfig:
 
 
 def _digests(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "shards").iterdir())}
+    stats = [json.loads(p.read_text()) for p in (out / "shards").glob("*_stats.json")]
+    assert all(s["written_by"]["pid"] > 0 and s["seconds"] >= 0 for s in stats)
+    return shard_digests(out)
 
 
 def test_rerun_skips_complete_shards_and_rebuilds_incomplete_ones(tmp_path: Path, captions: Path) -> None:
@@ -134,6 +138,6 @@ def test_two_builds_never_write_one_folder(tmp_path: Path, captions: Path) -> No
     from grit_pipeline.build import output_lock
 
     out = tmp_path / "out"
-    with output_lock(out), pytest.raises(OutputInUseError, match="another grit build"):
+    with output_lock(Folder(out)), pytest.raises(OutputInUseError, match="another grit build"):
         run_build(_config(captions, out))
     assert run_build(_config(captions, out)).ok  # the lock went with its holder

@@ -21,13 +21,13 @@ from grit_pipeline.shards import (
     ShardPaths,
     canonical_json,
     read_stats,
-    remove_stale_temporaries,
     sample_key,
     tar_header,
     tar_member,
     write_shard,
     write_tar,
 )
+from grit_pipeline.storage import Folder
 
 
 def _samples() -> list[OutputSample]:
@@ -90,15 +90,23 @@ def _replace_key(sample: OutputSample, position: int) -> OutputSample:
 
 
 def test_stats_file_marks_completion_and_temporaries_are_cleaned(tmp_path: Path) -> None:
-    paths = ShardPaths(tmp_path, 0)
+    paths = ShardPaths(Folder(tmp_path), 0)
     assert read_stats(tmp_path, 0) is None
     write_shard(tmp_path, 0, [_replace_key(s, i) for i, s in enumerate(_samples())], {"path": "in"})
     assert paths.is_complete() and read_stats(tmp_path, 0)["kept"] == 3
-    paths.stats.unlink()
+    (tmp_path / paths.stats).unlink()
     assert not paths.is_complete() and read_stats(tmp_path, 0) is None
     (tmp_path / ".00000.tar.tmp999").write_bytes(b"partial")
-    assert remove_stale_temporaries(tmp_path) == 1
+    assert Folder(tmp_path).remove_stale_temporaries() == 1
     assert not (tmp_path / ".00000.tar.tmp999").exists()
+
+
+def test_a_shard_whose_file_was_replaced_after_its_stats_is_not_complete(tmp_path: Path) -> None:
+    write_shard(tmp_path, 0, [_replace_key(s, i) for i, s in enumerate(_samples())], {"path": "in"})
+    assert read_stats(tmp_path, 0) is not None
+    with open(tmp_path / "00000.tar", "ab") as handle:  # a tar rewritten by something else: its size changed
+        handle.write(b"\0" * 512)
+    assert read_stats(tmp_path, 0) is None
 
 
 def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
@@ -106,7 +114,7 @@ def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
     samples[1].key = samples[0].key
     with pytest.raises(ValueError, match="duplicate"):
         write_shard(tmp_path, 3, samples, {})
-    assert not ShardPaths(tmp_path, 3).stats.exists()
+    assert not (tmp_path / ShardPaths(Folder(tmp_path), 3).stats).exists()
 
 
 def test_canonical_json_is_stable_and_strict() -> None:

@@ -126,13 +126,18 @@ def stage_rates(config: Any) -> dict[str, float]:
     return rates
 
 
-def bench_end_to_end(n: int, runner: str, samples_per_shard: int, stage_batch_size: int) -> dict[str, Any]:
-    """`run_build` samples/s (annotation grounder, small generated images) vs the slowest stage run alone.
+def bench_end_to_end(n: int, runner: str, samples_per_shard: int, stage_batch_size: int,
+                     compare_s3: bool = False) -> dict[str, Any]:
+    """`run_build` samples/s (annotation grounder, small generated images) vs the slowest stage run alone, and
+    the efficiency: end-to-end samples/s over the CPU limit (cores / the per-sample seconds of every stage,
+    reading and writing included, each run alone).
 
     The headline `end_to_end_samples_per_s` is over everything the user waits for once the Ray cluster is up:
     from `ray.init()` returning to `run_build` returning with the manifest written (worker start-up, model
     loads, reading, every stage, writing). `ray_init_seconds` is the embedded cluster's own start, a one-off
-    per cluster (none when attaching with --ray-address); `with_ray_init_samples_per_s` includes it.
+    per cluster (none when attaching with --ray-address); `with_ray_init_samples_per_s` includes it. With
+    `compare_s3`, the same build is run again with OUT on a loopback S3 server (moto, started here), and
+    `s3_vs_local_ratio` is its samples/s over the local build's.
     """
     import sys
 
@@ -140,6 +145,7 @@ def bench_end_to_end(n: int, runner: str, samples_per_shard: int, stage_batch_si
     from grit_pipeline.config import BuildConfig
 
     root = Path(tempfile.mkdtemp(prefix="grit-bench-pipeline-"))
+    s3: dict[str, Any] = {}
     try:
         inputs = write_bench_input(root / "in", n)
         config = BuildConfig(inputs=(str(inputs),), out_dir=str(root / "out"), grounder="annotations",
@@ -147,25 +153,33 @@ def bench_end_to_end(n: int, runner: str, samples_per_shard: int, stage_batch_si
                              progress_interval=30.0)
         rates = stage_rates(config)
         init_seconds = 0.0
+        cores = 1
         if runner == "ray":
+            import ray
+
             from grit_pipeline.runners.ray import init_ray
 
             start = time.perf_counter()
             init_ray(None)
             init_seconds = time.perf_counter() - start
+            cores = int(ray.cluster_resources().get("CPU", 1))
         start = time.perf_counter()
         result = run_build(config, stream=sys.stderr)
         seconds = time.perf_counter() - start
         steady = result.manifest["timings"]["steady_samples_per_s"]
+        if compare_s3:
+            s3 = _s3_build_seconds(config, seconds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     slowest = min(rates, key=rates.get)
     end_to_end = n / seconds
+    cpu_limit = cores / sum(1.0 / rate for rate in rates.values())
     return {
         "benchmark": "pipeline",
         "runner": runner,
         "samples": n,
         "cpus": os.cpu_count(),
+        "ray_cpus": cores if runner == "ray" else None,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "end_to_end_samples_per_s": round(end_to_end, 1),
         "build_seconds": round(seconds, 2),
@@ -173,14 +187,46 @@ def bench_end_to_end(n: int, runner: str, samples_per_shard: int, stage_batch_si
         "slowest_stage": slowest,
         "ratio": round(end_to_end / rates[slowest], 3),
         "target_ratio": 0.7,
+        "cpu_limit_samples_per_s": round(cpu_limit, 1),
+        "efficiency": round(end_to_end / cpu_limit, 3),
+        "target_efficiency": 0.8,
         "ray_init_seconds": round(init_seconds, 2),
         "with_ray_init_samples_per_s": round(n / (seconds + init_seconds), 1),
         "with_ray_init_ratio": round(n / (seconds + init_seconds) / rates[slowest], 3),
         "steady_samples_per_s": steady,
         "steady_ratio": round(steady / rates[slowest], 3) if steady else None,
+        **s3,
         "note": "ratio: end_to_end (from ray.init returning to the manifest written: worker start-up, model loads, "
                 "reading, stages and writing included) over the slowest stage run alone in one process; "
-                "with_ray_init adds the embedded cluster's start (a one-off per cluster); steady: from the first "
-                "result on",
+                "efficiency: end_to_end over cores / (sum over read, every stage and write of 1 / its samples/s "
+                "alone), cores being Ray's CPUs (1 for the local runner); with_ray_init adds the embedded "
+                "cluster's start (a one-off per cluster); steady: from the first result on",
         "kept": result.manifest["totals"]["kept"],
     }
+
+
+def _s3_build_seconds(config: Any, local_seconds: float) -> dict[str, Any]:
+    """The same build with OUT on a loopback moto S3 server: its seconds and its speed over the local build's."""
+    import dataclasses
+    import sys
+
+    import s3fs
+
+    from grit_pipeline.build import run_build
+    from grit_pipeline.fixtures.s3_server import create_bucket, s3_environment, s3_server
+
+    with s3_server() as server:
+        saved = dict(os.environ)
+        os.environ.update(s3_environment(server))
+        try:
+            s3fs.S3FileSystem.clear_instance_cache()  # filesystems made before the variables were set
+            create_bucket(server, "bench")
+            start = time.perf_counter()
+            run_build(dataclasses.replace(config, out_dir="s3://bench/out"), stream=sys.stderr)
+            seconds = time.perf_counter() - start
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+            s3fs.S3FileSystem.clear_instance_cache()
+    return {"s3_build_seconds": round(seconds, 2), "s3_vs_local_ratio": round(local_seconds / seconds, 3),
+            "target_s3_vs_local_ratio": 0.8}

@@ -79,3 +79,49 @@ def require_ray_cluster(config: Any) -> None:
     except OSError as exc:
         raise click.ClickException(f"cannot reach the Ray cluster at {address} ({exc}); check --ray-address or "
                                    f"RAY_ADDRESS, or pass --runner local") from exc
+
+
+class PathOrUrl(click.ParamType):
+    """A local path or a URL (s3://, gs://, ...; checked later by the command itself). A local path must exist
+    unless `exists` is False, and must not be a file when `folder`."""
+
+    name = "PATH|URL"
+
+    def __init__(self, exists: bool = True, folder: bool = False) -> None:
+        self.exists = exists
+        self.folder = folder
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        """The value as given; a local path that breaks the rules above is a usage error."""
+        from grit_pipeline.storage import is_url
+
+        text = os.fspath(value)
+        if is_url(text) and not text.startswith("file://"):
+            return text
+        local = text.removeprefix("file://")
+        if self.exists and not os.path.exists(local):
+            self.fail(f"{text!r} does not exist", param, ctx)
+        if self.folder and os.path.isfile(local):
+            self.fail(f"{text!r} is a file, not a folder", param, ctx)
+        return text
+
+
+class StorageOptions(click.ParamType):
+    """--storage-options: a JSON object passed to fsspec's filesystem of every URL."""
+
+    name = "JSON"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> dict[str, Any]:
+        """The parsed object."""
+        from grit_pipeline.storage import parse_storage_options
+
+        if isinstance(value, dict):
+            return value
+        try:
+            return parse_storage_options(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+STORAGE_OPTIONS_HELP = ("fsspec storage options for every URL, as a JSON object (e.g. '{\"anon\": true}'); S3's "
+                        "endpoint, region and credentials come from the AWS environment variables and files.")

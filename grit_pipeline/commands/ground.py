@@ -65,10 +65,10 @@ def ground(images_dir: Path, captions_jsonl: Path, **options: Any) -> None:
                           **options)
     require_detector(config)
     require_spacy_model(config)
-    shards = [(index, shard) for index, shard in enumerate(captions_shards(captions_jsonl, _SAMPLES_PER_SHARD))]
+    shards = list(enumerate(captions_shards(str(captions_jsonl.resolve()), _SAMPLES_PER_SHARD)))
     shards = [(index, _with_images(shard, images_dir)) for index, shard in shards]
-    printer = RowPrinter()
-    run_local(config, build_stages(config), shards, printer, Progress(len(shards), interval=float("inf")))
+    printer = RowPrinter(Progress(len(shards), interval=float("inf")))
+    run_local(config, build_stages(config), shards, printer, printer)
     click.echo("grit: summary: " + json.dumps(dict(sorted(printer.counts.items()))), err=True)
     if printer.failures:
         raise click.ClickException("; ".join(sorted(set(printer.failures.values()))))
@@ -81,22 +81,21 @@ _MALFORMED = "malformed_record"
 
 
 class RowPrinter:
-    """The sink of `grit ground`: each kept sample's KEY.json record to stdout, each dropped one to stderr."""
+    """The shard writer and sink of `grit ground`: each kept sample's KEY.json record to stdout, each dropped
+    one to stderr."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Any) -> None:
+        self.progress = progress
         self.counts: Counter[str] = Counter()
         self.failures: dict[int, str] = {}
 
-    def begin(self, index: int) -> None:
-        """Nothing to time."""
-
-    def write(self, header: Any, items: Sequence[Any]) -> None:
+    def write(self, header: Any, items: Sequence[Any], started: float) -> Any:
         """Print the shard's samples in line order."""
+        from grit_pipeline.runners.base import ShardOutcome
         from grit_pipeline.work import to_output
 
         if header.failure is not None:
-            self.fail(header.shard_index, header.failure)
-            return
+            return ShardOutcome(header.shard_index, error=header.failure)
         for item in sorted(items, key=lambda item: item.position):
             sample = to_output(item)
             self.counts["lines"] += 1
@@ -109,6 +108,12 @@ class RowPrinter:
             self.counts[reason] += 1
             detail = f": {sample.error_message}" if sample.error_message else ""
             click.echo(f"grit: skipped key {sample.source_key!r}: {reason}{detail}", err=True)
+        return ShardOutcome(header.shard_index, stats={})
+
+    def record(self, outcome: Any) -> None:
+        """Note a shard that could not be printed."""
+        if outcome.error is not None:
+            self.fail(outcome.shard_index, outcome.error)
 
     def fail(self, index: int, error: str) -> None:
         """A shard that could not be processed (a model that cannot load: every shard)."""

@@ -58,7 +58,8 @@ class ShardContents:
 
 @dataclass(frozen=True, slots=True)
 class InputShard:
-    """A unit of input: one img2dataset tar, a range of captions.jsonl lines, or a range of parquet rows."""
+    """A unit of input: one img2dataset tar, a range of captions.jsonl lines, or a range of parquet rows;
+    `path` (and `images`) are local paths or URLs."""
 
     kind: InputKind
     path: str
@@ -67,6 +68,8 @@ class InputShard:
     stop: int | None = None
     images: str | None = None
     byte_offset: int = 0  # where line `start` begins, for captions.jsonl shards
+    # fsspec options of the input's filesystem (never in describe(): they may hold credentials)
+    storage_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def read(self) -> ShardContents:
         """Read every sample of the shard; read errors are collected, never raised."""

@@ -4,6 +4,7 @@ from the folder (paths that leave it are refused)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +20,25 @@ from grit_pipeline.inputs.img2dataset import size_of
 from grit_pipeline.inputs.tar import is_safe_member_name
 from grit_pipeline.records import DropReason
 from grit_pipeline.stages.frames import SourceFrame
+from grit_pipeline.storage import Folder, open_location, parent_and_name
 
 
-def captions_shards(jsonl: Path, samples_per_shard: int) -> list[InputShard]:
+def captions_shards(jsonl: str, samples_per_shard: int, storage_options: dict[str, Any] | None = None
+                    ) -> list[InputShard]:
+    """A shard per `samples_per_shard` lines of the captions.jsonl at `jsonl` (a path or URL)."""
     offsets = [0]  # byte offset of every shard's first line, so a shard is read without the lines before it
     lines, position = 0, 0
-    with open(jsonl, "rb") as handle:
+    folder, _ = parent_and_name(jsonl, storage_options)
+    with open_location(jsonl, storage_options) as handle:
         for line in handle:
             lines += 1
             position += len(line)
             if lines % samples_per_shard == 0:
                 offsets.append(position)
     return [
-        InputShard(InputKind.CAPTIONS, str(jsonl), f"{CAPTIONS_FILE}[{start}:{min(start + samples_per_shard, lines)}]",
-                   start, min(start + samples_per_shard, lines), str(jsonl.parent), offsets[number])
+        InputShard(InputKind.CAPTIONS, jsonl, f"{CAPTIONS_FILE}[{start}:{min(start + samples_per_shard, lines)}]",
+                   start, min(start + samples_per_shard, lines), folder.url, offsets[number],
+                   storage_options=dict(storage_options or {}))
         for number, start in enumerate(range(0, max(lines, 1), samples_per_shard))
     ]
 
@@ -41,8 +47,8 @@ def read_captions_shard(shard: InputShard) -> ShardContents:
     """Lines [start, stop) of a captions.jsonl, each with its image file read from the folder."""
     errors: list[str] = []
     samples = []
-    root = Path(shard.images or Path(shard.path).parent).resolve()
-    with open(shard.path, "rb") as handle:
+    root = Folder(shard.images, shard.storage_options) if shard.images else parent_and_name(shard.path)[0]
+    with open_location(shard.path, shard.storage_options) as handle:
         handle.seek(shard.byte_offset)
         for number, line in enumerate(handle, start=shard.start):
             if shard.stop is not None and number >= shard.stop:
@@ -51,7 +57,7 @@ def read_captions_shard(shard: InputShard) -> ShardContents:
     return ShardContents(samples, errors)
 
 
-def _caption_line_sample(number: int, line: bytes, root: Path) -> InputSample:
+def _caption_line_sample(number: int, line: bytes, root: Folder) -> InputSample:
     try:
         entry = json.loads(line)
         if not isinstance(entry, dict):
@@ -72,16 +78,18 @@ def _caption_line_sample(number: int, line: bytes, root: Path) -> InputSample:
     return sample
 
 
-def _read_image_file(root: Path, relative: Any) -> tuple[bytes | None, DropReason | None, str | None]:
-    """The bytes of `root/relative`, refusing paths that leave `root`."""
+def _read_image_file(root: Folder, relative: Any) -> tuple[bytes | None, DropReason | None, str | None]:
+    """The bytes of `relative` below `root`, refusing paths that leave it."""
     if not isinstance(relative, str) or not is_safe_member_name(relative):
         return None, DropReason.IMAGE_MISSING, f"image path {relative!r} is missing or unsafe"
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        return None, DropReason.IMAGE_MISSING, f"image path {relative!r} leaves the input folder"
+    if root.local:  # a symlink must not lead out either
+        path = Path(root.path(relative)).resolve()
+        if not path.is_relative_to(root.root):
+            return None, DropReason.IMAGE_MISSING, f"image path {relative!r} leaves the input folder"
     try:
-        if path.stat().st_size > MAX_MEMBER_BYTES:
+        size = os.path.getsize(root.path(relative)) if root.local else root.fs.size(root.path(relative))
+        if size > MAX_MEMBER_BYTES:
             return None, DropReason.IMAGE_TOO_LARGE, f"{relative}: file too large"
-        return path.read_bytes(), None, None
+        return root.read_bytes(relative), None, None
     except OSError as exc:
         return None, DropReason.IMAGE_MISSING, f"{relative}: {exc.strerror or exc}"

@@ -4,13 +4,13 @@ and what each sample's .json says about the stored download (sizes, saved additi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from grit_pipeline.inputs.base import InputSample, InputShard, ShardContents
 from grit_pipeline.inputs.tar import TarGroup, image_of, is_safe_member_name, iter_tar_groups, json_member
 from grit_pipeline.records import DropReason
 from grit_pipeline.stages.frames import DownloadInfo, Size
+from grit_pipeline.storage import Folder, open_location, parent_and_name
 
 # Metadata columns img2dataset writes itself; every other .json field is a saved additional column.
 _IMG2DATASET_META = frozenset(
@@ -18,16 +18,19 @@ _IMG2DATASET_META = frozenset(
 )
 
 
-def tar_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".tar" and not p.name.startswith("."))
+def tar_names(files: dict[str, Any]) -> list[str]:
+    """The tar names of a folder listing (`Folder.files`), in order; hidden files are not shards."""
+    return sorted(name for name in files if name.endswith(".tar") and not name.startswith("."))
 
 
 def read_img2dataset_shard(shard: InputShard) -> ShardContents:
     """The samples of one img2dataset tar, plus the failed downloads its NNNNN.parquet lists (image_missing)."""
     errors: list[str] = []
     seen: set[str] = set()
-    samples = [_sample_from_group(group, seen) for group in iter_tar_groups(shard.path, errors)]
-    samples.extend(_failed_downloads(Path(shard.path).with_suffix(".parquet"), seen, errors))
+    with open_location(shard.path, shard.storage_options) as handle:
+        samples = [_sample_from_group(group, seen) for group in iter_tar_groups(handle, errors)]
+    folder, name = parent_and_name(shard.path, shard.storage_options)
+    samples.extend(_failed_downloads(folder, name.removesuffix(".tar") + ".parquet", seen, errors))
     return ShardContents(samples, errors)
 
 
@@ -91,16 +94,17 @@ def size_of(width: Any, height: Any) -> Size | None:
     return Size(w, h) if w is not None and h is not None else None
 
 
-def _failed_downloads(parquet: Path, seen: set[str], errors: list[str]) -> list[InputSample]:
+def _failed_downloads(folder: Folder, parquet: str, seen: set[str], errors: list[str]) -> list[InputSample]:
     """Rows of img2dataset's per-shard parquet whose download failed: samples without an image."""
-    if not parquet.is_file():
+    if not folder.is_file(parquet):
         return []
     try:
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(parquet).to_pylist()
+        with folder.open(parquet) as handle:
+            rows = pq.read_table(handle).to_pylist()
     except Exception as exc:  # any pyarrow failure on a damaged file: record it and keep the tar's samples
-        errors.append(f"{parquet.name}: unreadable: {type(exc).__name__}: {exc}")
+        errors.append(f"{parquet}: unreadable: {type(exc).__name__}: {exc}")
         return []
     failed = []
     for row in rows:

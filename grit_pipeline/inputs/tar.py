@@ -9,7 +9,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 from grit_pipeline.inputs.base import IMAGE_EXTENSIONS, MAX_MEMBER_BYTES
 from grit_pipeline.records import DropReason
@@ -37,7 +37,7 @@ class TarGroup:
 
 
 def iter_tar_groups(
-    path: str | Path,
+    path: str | Path | IO[bytes],
     errors: list[str],
     wanted: frozenset[str] | None = None,
     *,
@@ -58,8 +58,9 @@ def iter_tar_groups(
     """
     group: TarGroup | None = None
     count = 0
+    opened = {"fileobj": path} if hasattr(path, "read") else {"name": path}
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with tarfile.open(mode="r|*", **opened) as tar:
             for member in tar:
                 count += 1
                 if skipped is not None:
@@ -79,9 +80,14 @@ def iter_tar_groups(
                     group = TarGroup(key)
                 _add_member(tar, member, ext, group, max_member_bytes)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        errors.append(f"{Path(path).name}: unreadable after {count} members: {type(exc).__name__}: {exc}")
+        errors.append(f"{_base_name(path)}: unreadable after {count} members: {type(exc).__name__}: {exc}")
     if group is not None and (group.members or group.problems):  # empty: its first member broke off
         yield group
+
+
+def _base_name(path: str | Path | IO[bytes]) -> str:
+    name = str(getattr(path, "path", None) or getattr(path, "name", None) or path)
+    return name.rstrip("/").rsplit("/", 1)[-1]
 
 
 def member_problem(member: tarfile.TarInfo, max_member_bytes: int, plain_name: bool = False) -> str | None:

@@ -1,7 +1,9 @@
-"""What every runner is given: the stage list, the pending shards, the shard sink and the progress counter.
+"""What every runner is given: the stage list, the pending shards, the shard writer, the sink and the progress
+counter.
 
 A runner decides only WHERE the stages run (in this process, on Ray actors); what runs is the stage list
-(`grit_pipeline.stages.stage_list`), and every finished shard goes to the `ShardSink`, which writes it.
+(`grit_pipeline.stages.stage_list`). The process that finishes a shard writes it with the `ShardWriter` and
+reports a small `ShardOutcome` (stats or error) to the driver's `ShardSink`.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from grit_pipeline.records import DropReason
-from grit_pipeline.shards import SHARDS_DIR, OutputSample, write_shard
+from grit_pipeline.shards import write_shard, writer_identity
+from grit_pipeline.storage import Folder
 from grit_pipeline.work import ShardHeader, WorkItem, grounders_used, to_output
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ class Runner(Protocol):
     """Runs `stages` over the pending shards and hands each finished shard to `sink`."""
 
     def __call__(self, config: BuildConfig, stages: Sequence[Stage], shards: Sequence[tuple[int, InputShard]],
-                 sink: ShardSink, progress: Progress) -> None:
+                 writer: ShardWriter, sink: ShardSink) -> None:
         """Process every shard; a shard that fails is recorded in the sink, never raised."""
 
 
@@ -50,21 +51,20 @@ class Progress:
 
     def add(self, items: Sequence[WorkItem]) -> None:
         """Count a processed batch; print the summary line when the interval has passed."""
-        self._count([(item.alive, item.drop_reason) for item in items])
+        drops = Counter(getattr(item.drop_reason, "value", "unknown") for item in items if not item.alive)
+        self._count(len(items), sum(1 for item in items if item.alive), drops)
 
-    def add_outputs(self, samples: Sequence[OutputSample]) -> None:
-        """Count finished samples given as the shard writer's OutputSamples (what Ray workers send back)."""
-        self._count([(sample.kept, sample.drop_reason) for sample in samples])
+    def add_stats(self, stats: dict[str, Any]) -> None:
+        """Count a shard from its stats (what a Ray worker that wrote the shard sends back)."""
+        drops = Counter({str(reason): int(count) for reason, count in stats["drop_reasons"].items()})
+        self._count(stats["count"], stats["kept"], drops)
 
-    def _count(self, outcomes: Sequence[tuple[bool, DropReason | None]]) -> None:
+    def _count(self, samples: int, kept: int, drops: Counter[str]) -> None:
         if self.first_batch is None:
-            self.first_batch = (time.monotonic(), len(outcomes))
-        for kept, reason in outcomes:
-            self.samples += 1
-            if kept:
-                self.kept += 1
-            else:
-                self.drops[getattr(reason, "value", "unknown")] += 1
+            self.first_batch = (time.monotonic(), samples)
+        self.samples += samples
+        self.kept += kept
+        self.drops.update(drops)
         if time.monotonic() - self.last_print >= self.interval:
             self.print_line()
 
@@ -89,52 +89,63 @@ class Progress:
         return self.kept / self.samples if self.samples else 0.0
 
 
-class ShardSink:
-    """Receives each shard's header and processed items from a runner and writes the output shard."""
+@dataclass(frozen=True, slots=True)
+class ShardOutcome:
+    """What the process that wrote (or failed) a shard reports to the driver: small, no sample data.
 
-    def __init__(self, config: BuildConfig, progress: Progress) -> None:
-        self.folder = Path(config.out_dir) / SHARDS_DIR
-        self.progress = progress
-        self.failures: dict[int, str] = {}
-        self.started: dict[int, float] = {}
-        self.seconds: dict[int, float] = {}
-        self.models: dict[str, Any] = {}
+    `stats` is the written shard's stats (counts, files with their digests, `written_by`, `seconds`);
+    `error` says why the shard failed; `grounders` describes the grounders that grounded its samples.
+    """
 
-    def begin(self, index: int) -> None:
-        """Note that work on shard `index` has started (for its timing in the manifest)."""
-        self.started.setdefault(index, time.monotonic())
+    shard_index: int
+    stats: dict[str, Any] | None = None
+    error: str | None = None
+    grounders: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def write(self, header: ShardHeader, items: Sequence[WorkItem]) -> None:
-        """Write output shard `header.shard_index` from its items (any order); failures are recorded, not raised."""
+
+@dataclass(frozen=True, slots=True)
+class ShardWriter:
+    """Writes finished shards into OUT/shards, in whatever process finished them (a Ray worker writes its
+    own shards: no image byte goes through the driver)."""
+
+    folder: Folder
+
+    def write(self, header: ShardHeader, items: Sequence[WorkItem], started: float) -> ShardOutcome:
+        """Write output shard `header.shard_index` from its processed items (any order; `started`: time.time()
+        when its reading began); a shard that cannot be written fails alone: its outcome carries the error."""
         if header.failure is not None:
-            self.fail(header.shard_index, header.failure)
-            return
+            return ShardOutcome(header.shard_index, error=header.failure)
         try:
+            if len(items) != header.count:
+                raise RuntimeError(f"{len(items)} of {header.count} samples came back")
             ordered = sorted(items, key=lambda item: item.position)
             outputs = [to_output(item) for item in ordered]
+            stats = write_shard(self.folder, header.shard_index, outputs, header.source, header.errors,
+                                written_by=writer_identity(), started=started)
         except Exception as exc:  # a shard that cannot be written fails alone
-            self.fail(header.shard_index, f"write failed: {type(exc).__name__}: {exc}")
-            return
-        self.write_outputs(header, outputs, grounders_used(ordered))
+            return ShardOutcome(header.shard_index, error=f"write failed: {type(exc).__name__}: {exc}")
+        return ShardOutcome(header.shard_index, stats=stats, grounders=grounders_used(ordered))
 
-    def write_outputs(self, header: ShardHeader, outputs: Sequence[OutputSample],
-                      grounders: dict[str, dict[str, Any]]) -> None:
-        """Write output shard `header.shard_index` from its finished samples in position order and the descriptions
-        of the grounders that grounded them; failures are recorded, not raised."""
-        if header.failure is not None:
-            self.fail(header.shard_index, header.failure)
+
+class ShardSink:
+    """The driver's record of a run: each shard's outcome (stats or error) and the grounders used."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.failures: dict[int, str] = {}
+        self.written: dict[int, dict[str, Any]] = {}
+        self.models: dict[str, Any] = {}
+
+    def record(self, outcome: ShardOutcome) -> None:
+        """Note a shard's outcome: its stats when it was written, its error when it failed."""
+        if outcome.stats is None:
+            self.fail(outcome.shard_index, outcome.error or "not written")
             return
-        try:
-            if len(outputs) != header.count:
-                raise RuntimeError(f"{len(outputs)} of {header.count} samples came back")
-            for kind, description in grounders.items():  # by kind: GRIT-20M rows go through the annotation grounder
-                self.models.setdefault(kind, description)
-            write_shard(self.folder, header.shard_index, outputs, header.source, header.errors)
-            if header.shard_index in self.started:
-                self.seconds[header.shard_index] = round(time.monotonic() - self.started[header.shard_index], 3)
-            self.progress.shards_done += 1
-        except Exception as exc:  # a shard that cannot be written fails alone
-            self.fail(header.shard_index, f"write failed: {type(exc).__name__}: {exc}")
+        for kind, description in outcome.grounders.items():  # by kind: GRIT-20M rows go through the annotations
+            self.models.setdefault(kind, description)
+        self.written[outcome.shard_index] = outcome.stats
+        self.failures.pop(outcome.shard_index, None)
+        self.progress.shards_done += 1
 
     def fail(self, index: int, error: str) -> None:
         """Record shard `index` as failed."""

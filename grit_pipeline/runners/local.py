@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -11,15 +12,15 @@ from grit_pipeline.work import read_shard, shard_batches
 if TYPE_CHECKING:
     from grit_pipeline.config import BuildConfig
     from grit_pipeline.inputs import InputShard
-    from grit_pipeline.runners.base import Progress, ShardSink
+    from grit_pipeline.runners.base import ShardSink, ShardWriter
     from grit_pipeline.stages.base import Stage
 
 
 def run_local(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[tuple[int, InputShard]],
-              sink: ShardSink, progress: Progress) -> None:
+              writer: ShardWriter, sink: ShardSink) -> None:
     """Read, process and write each pending shard in turn; a shard that raises is recorded as failed."""
     for number, (index, shard) in enumerate(shards):
-        sink.begin(index)
+        started = time.time()
         try:
             if number == 0:
                 for stage in stages:
@@ -28,7 +29,7 @@ def run_local(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[tup
             for batch in shard_batches(items, config.stage_batch_size):
                 for stage in stages:
                     run_stage(stage, batch)
-                progress.add(batch)
+                sink.progress.add(batch)
         except StageSetupError as exc:  # no shard can succeed: record them all and stop
             for remaining, _ in shards[number:]:
                 sink.fail(remaining, str(exc))
@@ -36,4 +37,4 @@ def run_local(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[tup
         except Exception as exc:  # the shard fails alone; the run goes on
             sink.fail(index, f"{type(exc).__name__}: {exc}")
             continue
-        sink.write(header, items)
+        sink.record(writer.write(header, items, started))
