@@ -54,15 +54,26 @@ def stage_pools(stages: Sequence[Stage]) -> list[StagePool]:
     return pools
 
 
+# The object-store settings a driver has in its environment; the workers of a cluster it attaches to get the
+# same (Ray's runtime_env), so `AWS_ENDPOINT_URL=... grit build s3://...` means the same on every node. Nodes
+# with their own credentials (an instance role) need none of them.
+FORWARDED_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                         "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                         "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "AWS_REQUEST_CHECKSUM_CALCULATION",
+                         "AWS_RESPONSE_CHECKSUM_VALIDATION", "NO_PROXY", "no_proxy")
+
+
 def init_ray(address: str | None) -> None:
-    """Attach to `address` (or RAY_ADDRESS), else start an embedded local cluster; quiet either way."""
+    """Attach to `address` (or RAY_ADDRESS), passing the driver's object-store variables to the workers;
+    else start an embedded local cluster (its workers inherit this environment). Quiet either way."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:  # attach with the cluster's own settings (Ray Client "ray://" included)
-        ray.init(address=address)
+        forwarded = {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ}
+        ray.init(address=address, runtime_env={"env_vars": forwarded} if forwarded else None)
     else:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
 
@@ -242,9 +253,10 @@ def run_actor_pool(config: BuildConfig, stages: Sequence[Stage], shards: Sequenc
     Plain actors rather than a Ray Data pipeline: a single fused operator gains nothing from Ray Data's
     streaming executor, which costs seconds per build to start (its stats actor, executor and
     operator start-up; measured by `grit bench pipeline`). The actors are created first thing, so their
-    processes import and set up while the driver submits. Ray restarts an actor that dies (its node lost,
-    say) and retries its shard (`_ACTOR_RESTARTS` times); a shard that still fails is recorded and the others
-    go on. What comes back is a shard's outcome: its stats, never its samples.
+    processes import and set up while the driver submits. Ray restarts an actor whose process dies and
+    retries its task (`_ACTOR_RESTARTS` times); when the actor itself is lost (its node gone), its shards go
+    back to the queue for the actors that still answer (`_SHARD_ATTEMPTS` in all). A shard that still fails
+    is recorded and the others go on. What comes back is a shard's outcome: its stats, never its samples.
     """
     import ray
 
@@ -256,10 +268,12 @@ def run_actor_pool(config: BuildConfig, stages: Sequence[Stage], shards: Sequenc
               for _ in range(min(cpus, len(shards)))]
     queue = [ShardTask(index, shard) for index, shard in reversed(shards)]  # popped from the end: in order
     in_flight: dict[Any, tuple[Any, ShardTask]] = {}
+    attempts: dict[int, int] = {}
 
     def submit(actor: Any) -> None:
         if queue:
             task = queue.pop()
+            attempts[task.shard_index] = attempts.get(task.shard_index, 0) + 1
             in_flight[actor.process_shard.remote(task)] = (actor, task)
 
     for _ in range(_TASKS_IN_FLIGHT_PER_ACTOR):
@@ -268,18 +282,42 @@ def run_actor_pool(config: BuildConfig, stages: Sequence[Stage], shards: Sequenc
     while in_flight:
         (ref,), _ = ray.wait(list(in_flight), num_returns=1)
         actor, task = in_flight.pop(ref)
-        submit(actor)
         try:
             outcome: ShardOutcome = ray.get(ref)
-        except Exception as exc:  # retries exhausted, or a stage that cannot start
+        except Exception as exc:  # a lost worker or node, retries exhausted, or a stage that cannot start
             message = error_message(exc)
             if _is_setup_error(exc):  # no shard can succeed: record them all and stop
                 for failed in [task, *(t for _, t in in_flight.values()), *queue]:
                     sink.fail(failed.shard_index, message)
                 return
+            if _is_lost_worker(exc) and attempts[task.shard_index] < _SHARD_ATTEMPTS:
+                # its actor (or node) is gone or restarting somewhere it may never fit: the shard goes back
+                # to the queue for the actors that still answer, and this one gets no more work
+                queue.append(task)
+                actors = [a for a in actors if a is not actor]
+                if not actors:
+                    for failed in [*(t for _, t in in_flight.values()), *queue]:
+                        sink.fail(failed.shard_index, f"every Ray worker was lost ({message})")
+                    return
+                for survivor in actors:  # an idle survivor takes the requeued shard at once
+                    if not any(a is survivor for a, _ in in_flight.values()):
+                        submit(survivor)
+                continue
+            submit(actor)
             sink.fail(task.shard_index, message)
             continue
+        submit(actor)
         _record(outcome, sink)
+
+
+_SHARD_ATTEMPTS = 3  # a shard whose worker is lost is resubmitted to another worker up to this many times in all
+
+
+def _is_lost_worker(exc: BaseException) -> bool:
+    import ray.exceptions
+
+    return isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError,
+                            ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError))
 
 
 def _record(outcome: ShardOutcome, sink: ShardSink) -> None:
