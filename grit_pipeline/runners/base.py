@@ -59,6 +59,10 @@ class Progress:
         drops = Counter({str(reason): int(count) for reason, count in stats["drop_reasons"].items()})
         self._count(stats["count"], stats["kept"], drops)
 
+    def add_counts(self, samples: int, kept: int, drops: dict[str, int]) -> None:
+        """Count processed samples given as totals (a part of a shard on the Ray Data pipeline)."""
+        self._count(samples, kept, Counter(drops))
+
     def _count(self, samples: int, kept: int, drops: Counter[str]) -> None:
         if self.first_batch is None:
             self.first_batch = (time.monotonic(), samples)

@@ -87,66 +87,153 @@ class ShardTask:
 
 
 @dataclass(slots=True)
-class ShardInFlight:
-    """A read shard between two stage pools of the Ray Data pipeline: its header and its items."""
+class ShardPart:
+    """One pipeline batch of a shard on its way through the Ray Data pipeline; the header rides along."""
 
     header: ShardHeader
     items: list[WorkItem]
-    started: float  # time.time() when its reading began, for the shard's seconds in the manifest
+    started: float  # time.time() when reading the shard began, for the shard's seconds in the manifest
+
+
+@dataclass(frozen=True, slots=True)
+class PartDone:
+    """What reaches the driver for one part of a shard: its counts, for the progress line."""
+
+    shard_index: int
+    samples: int
+    kept: int
+    drops: dict[str, int]
+
+
+def part_done(part: ShardPart) -> PartDone:
+    """The counts of a processed part."""
+    drops: dict[str, int] = {}
+    for item in part.items:
+        if not item.alive:
+            reason = getattr(item.drop_reason, "value", "unknown")
+            drops[reason] = drops.get(reason, 0) + 1
+    return PartDone(part.header.shard_index, len(part.items), sum(1 for i in part.items if i.alive), drops)
+
+
+class ShardAssembler:
+    """Collects the parts of the shards given to it and writes each shard when its last part arrives (the
+    Ray Data layout's writer: one per node, so shards are written on every node and none by the driver).
+
+    Holds only the shards in flight; a shard whose part failed upstream is discarded.
+    """
+
+    def __init__(self, writer: ShardWriter) -> None:
+        self.writer = writer
+        self.pending: dict[int, tuple[ShardHeader, float, list[WorkItem]]] = {}
+        self.discarded: set[int] = set()
+
+    def add(self, part: ShardPart) -> ShardOutcome | None:
+        """Keep a processed part; the shard's outcome once it is written, else None."""
+        index = part.header.shard_index
+        if index in self.discarded:
+            return None
+        header, started, items = self.pending.setdefault(index, (part.header, part.started, []))
+        items.extend(part.items)
+        if len(items) < header.count:
+            return None
+        del self.pending[index]
+        return self.writer.write(header, items, started)
+
+    def discard(self, shard_index: int) -> None:
+        """Forget a shard that failed upstream (its other parts are dropped as they arrive)."""
+        self.pending.pop(shard_index, None)
+        self.discarded.add(shard_index)
 
 
 class StageWorker:
-    """Runs some stages of the list on whole shards: a plain Ray actor (`process_shard`) or a Ray Data callable
-    class (`__call__`). The worker that runs the last stages also writes the shard (`writer`), so what goes
-    back to the driver is a `ShardOutcome`, never the samples.
+    """Runs some stages of the list: a plain Ray actor over whole shards (`process_shard`, which also writes
+    them), or a Ray Data callable class over shard parts (`__call__`; the last pool hands its parts to the
+    shard's `ShardAssembler`). What goes back to the driver is a `ShardOutcome` or a part's counts, never
+    samples.
 
     A shard is cut into the batches every runner makes (`shard_batches`), so a stage whose output depends on
     its batch-mates (a detector's padding) computes what the local runner computes.
     """
 
     def __init__(self, stages: Sequence[Stage], indices: Sequence[int], key_digits: int, stage_batch_size: int,
-                 writer: ShardWriter | None = None) -> None:
+                 writer: ShardWriter | None = None, assemblers: Sequence[Any] = (), assembles: bool = False) -> None:
         self.key_digits = key_digits
         self.stage_batch_size = stage_batch_size
         self.writer = writer
+        self.assemblers = list(assemblers)
+        self.assembles = assembles
         self.stages = [stages[index] for index in indices]
         for stage in self.stages:
             stage.setup()
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Ray Data: each input row (a shard task or a shard in flight) becomes one output row."""
-        return _rows([self.handle(pickle.loads(value)) for value in batch["item"]])
+    def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Ray Data: each input row's output rows, yielded one by one so a shard streams part by part."""
+        for value in batch["item"]:
+            for row in self.parts(pickle.loads(value)):
+                yield _rows([row])
 
     def process_shard(self, task: ShardTask) -> ShardOutcome:
         """A whole shard read, processed and written (the actor pool's method)."""
-        outcome = self.handle(task)
-        assert isinstance(outcome, ShardOutcome), "the actor pool's workers run every stage and write"
-        return outcome
-
-    def handle(self, row: ShardTask | ShardInFlight | ShardOutcome) -> ShardInFlight | ShardOutcome:
-        """Read a shard task, run this worker's stages on the shard, and write it when this worker writes.
-
-        A shard whose stage raises fails alone (its outcome carries the error); an outcome passes through.
-        """
-        if isinstance(row, ShardOutcome):
-            return row
-        if isinstance(row, ShardTask):
-            started = time.time()
-            header, items = read_shard(row.shard_index, row.input_shard, self.key_digits)
-            row = ShardInFlight(header, items, started)
-        if row.header.failure is not None:
-            return ShardOutcome(row.header.shard_index, error=row.header.failure)
+        assert self.writer is not None, "the actor pool's workers write their shards"
+        started = time.time()
+        header, items = read_shard(task.shard_index, task.input_shard, self.key_digits)
+        if header.failure is not None:
+            return ShardOutcome(header.shard_index, error=header.failure)
         try:
-            for batch in shard_batches(row.items, self.stage_batch_size):
-                for stage in self.stages:
-                    run_stage(stage, batch)
+            for batch in shard_batches(items, self.stage_batch_size):
+                self.run(batch)
         except StageSetupError:
             raise
         except Exception as exc:  # the shard fails alone; the run goes on
-            return ShardOutcome(row.header.shard_index, error=f"{type(exc).__name__}: {exc}")
-        if self.writer is None:
-            return row
-        return self.writer.write(row.header, row.items, row.started)
+            return ShardOutcome(header.shard_index, error=f"{type(exc).__name__}: {exc}")
+        return self.writer.write(header, items, started)
+
+    def parts(self, row: ShardTask | ShardPart | ShardOutcome | PartDone
+              ) -> Iterator[ShardPart | ShardOutcome | PartDone]:
+        """Read a shard task into parts, or run this worker's stages on a part; outcomes and counts pass."""
+        if isinstance(row, (ShardOutcome, PartDone)):
+            yield row
+            return
+        if isinstance(row, ShardPart):
+            yield from self._process(row)
+            return
+        started = time.time()
+        header, items = read_shard(row.shard_index, row.input_shard, self.key_digits)
+        if header.failure is not None:
+            yield ShardOutcome(header.shard_index, error=header.failure)
+            return
+        for batch in shard_batches(items, self.stage_batch_size) or [[]]:  # an empty shard is one empty part
+            yield from self._process(ShardPart(header, batch, started))
+
+    def _process(self, part: ShardPart) -> Iterator[ShardPart | ShardOutcome | PartDone]:
+        import ray
+
+        index = part.header.shard_index
+        try:
+            self.run(part.items)
+        except StageSetupError:
+            raise
+        except Exception as exc:  # the shard fails alone; its other parts are dropped by its assembler
+            if self.assemblers:
+                ray.get(self._assembler(index).discard.remote(index))
+            yield ShardOutcome(index, error=f"{type(exc).__name__}: {exc}")
+            return
+        if not self.assembles:
+            yield part
+            return
+        yield part_done(part)
+        outcome = ray.get(self._assembler(index).add.remote(part))
+        if outcome is not None:
+            yield outcome
+
+    def _assembler(self, shard_index: int) -> Any:
+        return self.assemblers[shard_index % len(self.assemblers)]
+
+    def run(self, items: list[WorkItem]) -> list[WorkItem]:
+        """The worker's stages, in order, on one pipeline batch."""
+        for stage in self.stages:
+            run_stage(stage, items)
+        return items
 
 
 def _rows(rows: Sequence[Any]) -> dict[str, Any]:
@@ -159,19 +246,33 @@ def _rows(rows: Sequence[Any]) -> dict[str, Any]:
 
 
 def run_stages_task(batch: dict[str, Any], stages: Sequence[Stage], indices: Sequence[int], key_digits: int,
-                    stage_batch_size: int, writer: ShardWriter | None) -> dict[str, Any]:
+                    stage_batch_size: int, assemblers: Sequence[Any], assembles: bool) -> Iterator[dict[str, Any]]:
     """Ray map_batches task for a pool of stages that loads no model and keeps no state between batches."""
-    return StageWorker(stages, indices, key_digits, stage_batch_size, writer)(batch)
+    yield from StageWorker(stages, indices, key_digits, stage_batch_size, None, assemblers, assembles)(batch)
+
+
+def start_assemblers(writer: ShardWriter) -> list[Any]:
+    """One ShardAssembler per node that has CPUs (pinned to it), so every node writes shards."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
+    assembler_class = ray.remote(ShardAssembler)
+    # hard affinity: with soft affinity Ray 2.60 placed every zero-CPU assembler on one node
+    pinned = [NodeAffinitySchedulingStrategy(node, soft=False) for node in sorted(nodes)]
+    return [assembler_class.options(num_cpus=0, scheduling_strategy=strategy).remote(writer) for strategy in pinned] \
+        or [assembler_class.options(num_cpus=0).remote(writer)]
 
 
 def build_dataset(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[tuple[int, InputShard]],
-                  writer: ShardWriter) -> Any:
-    """The Ray Data pipeline over the pending shards: one operator per stage pool, one row per shard.
+                  assemblers: Sequence[Any]) -> Any:
+    """The Ray Data pipeline over the pending shards: one operator per stage pool, one row per shard part
+    (a pipeline batch).
 
     The first pool reads each shard itself, in actors sized to the cluster's CPUs; a pool that declares a
     number of workers (the grounder: `--grounder-workers`, each with `--gpus-per-grounder`) gets exactly that
-    many actors; the others run as tasks. The last pool writes the shard, so rows reaching the driver are
-    `ShardOutcome`s: stats, no samples.
+    many actors; the others run as tasks. The last pool hands each part to its shard's assembler, which
+    writes the shard when its last part arrives, so the rows reaching the driver are counts and outcomes.
     """
     import ray
 
@@ -179,30 +280,31 @@ def build_dataset(config: BuildConfig, stages: Sequence[Stage], shards: Sequence
     pools = stage_pools(stages)
     tasks = [{"item": pickle.dumps(ShardTask(index, shard))} for index, shard in shards]
     ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
-    common: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy"}  # one row = one shard
+    common: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy"}  # one row = one shard task or part
     for number, pool in enumerate(pools):
         resources = pool.resources
-        args = (stages, pool.indices, config.key_digits, config.stage_batch_size,
-                writer if number == len(pools) - 1 else None)
+        args = (stages, pool.indices, config.key_digits, config.stage_batch_size)
+        last = {"assemblers": assemblers, "assembles": number == len(pools) - 1}
         if number == 0:  # leave room for the other pools' tasks
             actor_cpus = max(_FEEDER_CPU_MARGIN, (cpus - (len(pools) - 1) * _FEEDER_CPU_MARGIN) / cpus)
-            ds = ds.map_batches(StageWorker, fn_constructor_args=args,
+            ds = ds.map_batches(StageWorker, fn_constructor_args=(*args, None), fn_constructor_kwargs=last,
                                 num_cpus=min(resources.cpus, actor_cpus), num_gpus=resources.gpus,
                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=cpus),
                                 max_restarts=_ACTOR_RESTARTS, max_task_retries=_ACTOR_RESTARTS, **common)
         elif resources.workers is not None:
-            ds = ds.map_batches(StageWorker, fn_constructor_args=args,
+            ds = ds.map_batches(StageWorker, fn_constructor_args=(*args, None), fn_constructor_kwargs=last,
                                 compute=ray.data.ActorPoolStrategy(size=resources.workers),
                                 num_gpus=resources.gpus, num_cpus=resources.cpus,
                                 max_restarts=_ACTOR_RESTARTS, max_task_retries=_ACTOR_RESTARTS, **common)
         else:
-            ds = ds.map_batches(run_stages_task, fn_args=args, num_cpus=resources.cpus, num_gpus=resources.gpus,
-                                max_retries=_ACTOR_RESTARTS, **common)
+            ds = ds.map_batches(run_stages_task, fn_args=(*args, assemblers, number == len(pools) - 1),
+                                num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=_ACTOR_RESTARTS,
+                                **common)
     return ds
 
 
-def iter_outcomes(ds: Any) -> Iterator[ShardOutcome]:
-    """Every shard's outcome, as the shards finish."""
+def iter_rows(ds: Any) -> Iterator[ShardOutcome | PartDone]:
+    """Every row the pipeline sends back (a part's counts or a shard's outcome), as they arrive."""
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for value in batch["item"]:
             yield pickle.loads(value)
@@ -335,9 +437,12 @@ def run_dataset(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[t
     """The GPU layout on Ray Data; if the dataset fails after its retries, every shard not written fails."""
     done: set[int] = set()
     try:
-        for outcome in iter_outcomes(build_dataset(config, stages, shards, writer)):
-            done.add(outcome.shard_index)
-            _record(outcome, sink)
+        for row in iter_rows(build_dataset(config, stages, shards, start_assemblers(writer))):
+            if isinstance(row, PartDone):
+                sink.progress.add_counts(row.samples, row.kept, row.drops)
+                continue
+            done.add(row.shard_index)
+            sink.record(row)
     except Exception as exc:  # retries exhausted: the unwritten shards fail, the written ones stand
         message = error_message(exc)
         for index, _ in shards:
@@ -346,4 +451,4 @@ def run_dataset(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[t
         return
     for index, _ in shards:
         if index not in done:
-            sink.fail(index, "the shard never came back from the Ray pipeline")
+            sink.fail(index, "the shard never came back from the Ray pipeline (its assembler was lost?)")
