@@ -160,10 +160,13 @@ def run_build(config: BuildConfig, overwrite: bool = False, stream: TextIO = sys
 
     started = time.time()
     shards = discover_inputs(config)
+    inputs = fingerprint_inputs(config.inputs, config.storage_options)
     out = output_folder(config)
     out.check_access(write=True)
     try:
         prepare_output(config, overwrite, write=False)
+        if not overwrite:
+            refuse_changed_inputs(out, inputs)
     except OutputInUseError:
         raise
     except Exception as exc:
@@ -171,15 +174,30 @@ def run_build(config: BuildConfig, overwrite: bool = False, stream: TextIO = sys
     created = out.local and not os.path.exists(out.root)
     with output_lock(out):
         try:
-            return _run_build(config, overwrite, stream, shards, started)
+            return _run_build(config, overwrite, stream, shards, inputs, started)
         except BaseException:
             if created and not any(name[:1].isdigit() for name in out.files(SHARDS_DIR)):
                 shutil.rmtree(out.root, ignore_errors=True)  # there was no OUT, and no shard was written into it
             raise
 
 
+def refuse_changed_inputs(out: Folder, inputs: list[dict[str, Any]]) -> None:
+    """Refuse to resume a build whose inputs changed since its manifest was written (a file rewritten under
+    the same name, added or removed): its finished shards would no longer match the inputs."""
+    if not out.exists(MANIFEST_FILE):
+        return
+    previous = _previous_manifest(out).get("inputs") or []
+    before = {entry.get("input"): entry.get("digest") for entry in previous if isinstance(entry, dict)}
+    for entry in inputs:
+        digest = before.get(entry["input"])
+        if digest is not None and digest != entry["digest"]:
+            raise OutputInUseError(
+                f"{entry['input']} changed since {out.url} was built (a file was added, removed or rewritten); "
+                f"pass --overwrite to rebuild, or choose another --out")
+
+
 def _run_build(config: BuildConfig, overwrite: bool, stream: TextIO, shards: list[InputShard],
-               started: float) -> BuildResult:
+               inputs: list[dict[str, Any]], started: float) -> BuildResult:
     prepare_output(config, overwrite)
     out = output_folder(config)
     folder = out.child(SHARDS_DIR)
@@ -204,7 +222,7 @@ def _run_build(config: BuildConfig, overwrite: bool, stream: TextIO, shards: lis
     entries = [_entry(index, sink, done_before) for index in range(len(shards))]
     manifest = build_manifest(config.to_dict(), config.fingerprint(), entries,
                               models=_models(config, sink, previous.get("models") or {}),
-                              inputs=fingerprint_inputs(config.inputs, config.storage_options), timings=timings)
+                              inputs=inputs, timings=timings)
     write_manifest(out, manifest)
     return BuildResult(manifest, dict(sink.failures), len(shards) - len(pending))
 

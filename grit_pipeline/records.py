@@ -322,12 +322,15 @@ def write_grit_parquet(records: Iterable[GritRecord], path: str) -> None:
 
 
 def iter_grit_parquet(path: str, rows_per_read: int = 4096) -> Iterator[dict[str, Any]]:
-    """Yield the rows of a GRIT-20M parquet file as dicts (not yet validated), batch by batch."""
+    """Yield the rows of a GRIT-20M parquet file (a path or URL) as dicts (not yet validated), batch by batch."""
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
-    for batch in parquet.iter_batches(batch_size=rows_per_read):
-        yield from batch.to_pylist()
+    from grit_pipeline.storage import open_location
+
+    with open_location(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        for batch in parquet.iter_batches(batch_size=rows_per_read):
+            yield from batch.to_pylist()
 
 
 def read_grit_parquet(path: str) -> list[GritRecord]:

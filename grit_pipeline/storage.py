@@ -111,10 +111,6 @@ class Folder:
         """The sub-folder `name`."""
         return Folder(self.url_of(name), self.storage_options)
 
-    def name_of(self, path: str) -> str:
-        """The name below this folder of a filesystem path the listing returned."""
-        return path[len(self.root) + 1:] if path.startswith(self.root + "/") else path.rsplit("/", 1)[-1]
-
     def exists(self, name: str = "") -> bool:
         """True when `name` (a file or folder; the folder itself for "") exists."""
         if self.local:
@@ -235,6 +231,12 @@ class Folder:
 
     def check_access(self, write: bool) -> None:
         """Raise StorageError in one line when the folder cannot be listed (or, with `write`, written)."""
+        if write and self.local:
+            existing = Path(self.root)
+            while not existing.exists() and existing != existing.parent:
+                existing = existing.parent
+            if not os.access(existing, os.W_OK):
+                raise StorageError(f"{self.url}: permission denied (cannot write in {existing})")
         try:
             self.exists()
             if write and not self.local:

@@ -172,7 +172,7 @@ def test_sigkill_twice_then_rerun_on_s3_is_byte_identical(s3, s3_inputs, referen
     assert names == set(reference) | {"sizes.json"}, "a temporary or stray object was left behind"
 
 
-def test_audit_finds_a_flipped_byte_and_training_streams_from_s3(s3, s3_inputs, tmp_path) -> None:
+def test_audit_inspect_serialize_and_training_read_a_build_on_s3(s3, s3_inputs, tmp_path) -> None:
     server, env = s3
     out = f"s3://{BUCKET}/out-audited"
     assert _grit(["build", s3_inputs, "--out", out, "--runner", "local"], env).returncode == 0
@@ -184,6 +184,10 @@ def test_audit_finds_a_flipped_byte_and_training_streams_from_s3(s3, s3_inputs, 
                      "--vocab-size", "300"], env)
     assert trained.returncode == 0, trained.stderr
     assert json.loads(trained.stdout.strip().splitlines()[-1])["step"] == 2
+    gallery = _grit(["inspect", out, "--n", "4", "--html", str(tmp_path / "report.html")], env)
+    assert gallery.returncode == 0 and "data:image/jpeg;base64" in (tmp_path / "report.html").read_text()
+    serialized = _grit(["serialize", f"{out}/shards/00000.parquet"], env)  # the shard parquet: GRIT-20M columns
+    assert serialized.returncode == 0 and "<grounding>" in serialized.stdout, serialized.stderr
     flip_byte(server, f"{out}/shards/00003.tar", 700)
     flipped = _grit(["audit", out, "--json", "--no-decode"], env)
     assert flipped.returncode == 1

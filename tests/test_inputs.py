@@ -141,3 +141,56 @@ def test_bad_json_member_is_recorded(tmp_path: Path, scenes) -> None:
         add_member(tar, "000.txt", b"a red circle")
     sample = discover_shards([str(folder)])[0].read().samples[0]
     assert sample.caption == "a red circle" and "bad .json" in (sample.error_message or "")
+
+
+def test_ten_thousand_tars_are_listed_without_being_opened(tmp_path: Path) -> None:
+    from grit_pipeline.inputs import discover_shards
+
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    for index in range(10_000):  # empty files: opening any of them as a tar would fail
+        (folder / f"{index:05d}.tar").touch()
+    shards = discover_shards([str(folder)])
+    assert len(shards) == 10_000 and shards[-1].name == "09999.tar"
+
+
+def test_an_input_file_rewritten_under_the_same_name_changes_its_fingerprint(tmp_path: Path) -> None:
+    import os
+
+    from grit_pipeline.inputs import fingerprint_inputs
+
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "00000.tar").write_bytes(b"a" * 10)
+    before = fingerprint_inputs([str(folder)])
+    (folder / "00000.tar").write_bytes(b"b" * 10)  # same name, same size
+    os.utime(folder / "00000.tar", ns=(1, 1))
+    after = fingerprint_inputs([str(folder)])
+    assert before[0]["bytes"] == after[0]["bytes"] == 10 and before[0]["digest"] != after[0]["digest"]
+
+
+def test_grit_parquet_rows_find_their_images_in_the_aligned_tar_only(tmp_path: Path, monkeypatch) -> None:
+    """img2dataset keeps the parquet's order: rows [4, 8) are in the second tar, and only its columns are read
+    (no index of the whole folder); rows downloaded nowhere fall back to scanning every tar."""
+    from grit_pipeline.fixtures.img2dataset import scene_samples, write_img2dataset_folder
+    from grit_pipeline.fixtures.synthetic import generate_scenes
+    from grit_pipeline.inputs import discover_shards, grit_parquet
+    from grit_pipeline.records import write_grit_parquet
+
+    scenes = generate_scenes(12, seed=4, size=(48, 48))
+    images = write_img2dataset_folder([scene_samples(scenes[i:i + 4], grit_columns=False) for i in (0, 4, 8)],
+                                      tmp_path / "images")
+    records = []
+    for scene in scenes:
+        record = scene.to_record()
+        record.url = f"https://example.com/{scene.key}.jpg"
+        records.append(record)
+    write_grit_parquet(records, str(tmp_path / "rows.parquet"))
+    read: list[str] = []
+    original = grit_parquet._tar_index
+    monkeypatch.setattr(grit_parquet, "_tar_index", lambda folder, tar: read.append(tar) or original(folder, tar))
+    shards = discover_shards([str(tmp_path / "rows.parquet")], samples_per_shard=4, images_dir=str(images))
+    contents = shards[1].read()
+    assert read == ["00001.tar"]
+    assert [s.image is not None for s in contents.samples] == [True] * 4
+    assert [s.url for s in contents.samples] == [r.url for r in records[4:8]]

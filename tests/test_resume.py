@@ -141,3 +141,16 @@ def test_two_builds_never_write_one_folder(tmp_path: Path, captions: Path) -> No
     with output_lock(Folder(out)), pytest.raises(OutputInUseError, match="another grit build"):
         run_build(_config(captions, out))
     assert run_build(_config(captions, out)).ok  # the lock went with its holder
+
+
+def test_resuming_after_an_input_changed_is_refused(tmp_path: Path, captions: Path) -> None:
+    import shutil
+
+    inputs = shutil.copytree(captions, tmp_path / "in")
+    out = tmp_path / "out"
+    assert run_build(_config(inputs, out)).ok
+    lines = (inputs / "captions.jsonl").read_text().splitlines()
+    (inputs / "captions.jsonl").write_text("\n".join(reversed(lines)) + "\n")  # same size, new content and mtime
+    with pytest.raises(OutputInUseError, match="changed since"):
+        run_build(_config(inputs, out))
+    assert run_build(_config(inputs, out), overwrite=True).ok

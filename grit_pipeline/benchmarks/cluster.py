@@ -29,6 +29,8 @@ from typing import Any
 POLL_S = 0.2  # how often the driver's /proc/PID/status and OUT/shards are sampled
 SCENES = 8  # distinct encoded images; a handful is enough, the shard count is what is being scaled
 STDERR_TAIL_LINES = 15
+TRACE_EVERY_S = 2.0  # spacing of the driver's RSS-over-time trace (RSS against shards done shows what grows)
+TRACE_POINTS = 30
 
 
 @dataclass(slots=True)
@@ -41,6 +43,7 @@ class DriverRun:
     killed: bool
     timed_out: bool
     stderr_tail: list[str]
+    rss_trace: list[tuple[float, float, int]]  # (seconds since start, VmRSS MB, shards complete on disk)
 
     def summary(self) -> dict[str, Any]:
         """The run's figures for the JSON report."""
@@ -50,7 +53,17 @@ class DriverRun:
             "driver_peak_rss_mb": None if self.peak_rss_kb is None else round(self.peak_rss_kb / 1024, 1),
             "killed": self.killed,
             "timed_out": self.timed_out,
+            # One string, not a JSON list, so that the indented report stays readable; at most TRACE_POINTS.
+            "driver_rss_trace": "; ".join(f"{s:g}s {mb:g}MB {done}sh" for s, mb, done in self._trace_points()),
         }
+
+    def _trace_points(self) -> list[tuple[float, float, int]]:
+        """At most TRACE_POINTS of the trace, evenly spaced, the last always included."""
+        step = max(1, math.ceil(len(self.rss_trace) / TRACE_POINTS))
+        points = self.rss_trace[::step]
+        if self.rss_trace and points[-1] is not self.rss_trace[-1]:
+            points.append(self.rss_trace[-1])
+        return points
 
 
 def shard_sizes(shards: int, samples: int) -> list[int]:
@@ -79,16 +92,17 @@ def write_cluster_input(folder: Path, shards: int, samples: int, image_size: int
     return write_img2dataset_folder(per_shard, folder)
 
 
-def peak_rss_kb(pid: int) -> int | None:
-    """VmHWM of a running process in kB; None once it has exited (a zombie has no memory map left)."""
+def memory_kb(pid: int) -> tuple[int | None, int | None]:
+    """(VmHWM, VmRSS) of a running process in kB; None once it has exited (a zombie has no memory map left)."""
+    found: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    found[line[:5]] = int(line.split()[1])
     except (OSError, ValueError):
         pass
-    return None
+    return found.get("VmHWM"), found.get("VmRSS")
 
 
 def complete_shards_on_disk(shards_dir: Path) -> int:
@@ -100,9 +114,9 @@ def complete_shards_on_disk(shards_dir: Path) -> int:
 
 
 def run_driver(command: list[str], env: dict[str, str], log_prefix: Path, timeout_s: float,
-               kill_when: Callable[[], bool] | None = None) -> DriverRun:
-    """Run `command` in its own session, sampling its peak RSS every POLL_S; SIGKILL its process group once
-    `kill_when()` holds (or at `timeout_s`)."""
+               shards_done: Callable[[], int], kill_when: Callable[[], bool] | None = None) -> DriverRun:
+    """Run `command` in its own session, sampling its peak RSS every POLL_S (and its RSS with `shards_done()`
+    every TRACE_EVERY_S); SIGKILL its process group once `kill_when()` holds (or at `timeout_s`)."""
     stdout_path, stderr_path = log_prefix.with_suffix(".stdout"), log_prefix.with_suffix(".stderr")
     # Files, not pipes: a build's output is never read while it runs, and a full pipe would stall it.
     with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
@@ -110,14 +124,19 @@ def run_driver(command: list[str], env: dict[str, str], log_prefix: Path, timeou
         # Its own session, so that SIGKILL reaches the whole group, as a killed job's would.
         process = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
         peak: int | None = None
+        trace: list[tuple[float, float, int]] = []
         killed = timed_out = False
         try:
             while True:
                 # Read before poll(): once poll() reaps the process its /proc entry is gone, so the last value
                 # read while it was alive is its peak.
-                peak = peak_rss_kb(process.pid) or peak
+                hwm, rss = memory_kb(process.pid)
+                peak = hwm or peak
                 if process.poll() is not None:
                     break
+                elapsed = time.perf_counter() - start
+                if rss is not None and (not trace or elapsed - trace[-1][0] >= TRACE_EVERY_S):
+                    trace.append((round(elapsed, 1), round(rss / 1024, 1), shards_done()))
                 if kill_when is not None and not killed and kill_when():
                     os.killpg(process.pid, signal.SIGKILL)
                     killed = True
@@ -131,7 +150,7 @@ def run_driver(command: list[str], env: dict[str, str], log_prefix: Path, timeou
                 process.wait()
         wall = time.perf_counter() - start
     tail = stderr_path.read_text(encoding="utf-8", errors="replace").splitlines()[-STDERR_TAIL_LINES:]
-    return DriverRun(wall, process.returncode, peak, killed, timed_out, tail)
+    return DriverRun(wall, process.returncode, peak, killed, timed_out, tail, trace)
 
 
 def manifest_figures(out: Path, worker_node_ids: list[str]) -> dict[str, Any]:
@@ -176,7 +195,8 @@ def bench_cluster(shards: int, samples: int, worker_nodes: int, cpus_per_node: i
     report: dict[str, Any] = {
         "benchmark": "cluster",
         "parameters": {"shards": shards, "samples": samples, "worker_nodes": worker_nodes,
-                       "cpus_per_node": cpus_per_node, "image_size": image_size, "kill_after": kill_after},
+                       "cpus_per_node": cpus_per_node, "image_size": image_size, "kill_after": kill_after,
+                       "timeout_s": timeout_s},
         "cpus": os.cpu_count(),
         "ray_version": ray.__version__,
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
@@ -200,7 +220,8 @@ def bench_cluster(shards: int, samples: int, worker_nodes: int, cpus_per_node: i
                         "--progress-interval", "30"]
 
             full_out = root / "out-full"
-            full = run_driver(command(full_out), env, root / "full", timeout_s)
+            full = run_driver(command(full_out), env, root / "full", timeout_s,
+                              lambda: complete_shards_on_disk(full_out / "shards"))
             report["full_build"] = {**full.summary(), "samples_per_s": round(samples / full.wall_s, 1),
                                     **manifest_figures(full_out, workers)}
             if full.returncode != 0:
@@ -215,9 +236,11 @@ def bench_cluster(shards: int, samples: int, worker_nodes: int, cpus_per_node: i
                 seen[:] = [complete_shards_on_disk(shards_dir)]
                 return seen[0] >= kill_at
 
-            first = run_driver(command(resume_out), env, root / "killed", timeout_s, kill_when=reached)
+            first = run_driver(command(resume_out), env, root / "killed", timeout_s,
+                               lambda: complete_shards_on_disk(shards_dir), kill_when=reached)
             done_at_exit = complete_shards_on_disk(shards_dir)
-            resumed = run_driver(command(resume_out), env, root / "resumed", timeout_s)
+            resumed = run_driver(command(resume_out), env, root / "resumed", timeout_s,
+                                 lambda: complete_shards_on_disk(shards_dir))
             figures = manifest_figures(resume_out, workers)
             skipped = shards - (figures.get("shards_processed") or 0)
             report["kill_and_resume"] = {

@@ -142,15 +142,15 @@ def _print_phrases(extractor: Any, batch: list[tuple[dict[str, Any], str]]) -> N
         })
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+def _parquet_rows(path: str) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     from grit_pipeline.records import iter_grit_parquet
 
-    for index, row in enumerate(iter_grit_parquet(str(path))):
+    for index, row in enumerate(iter_grit_parquet(path)):
         yield f"key {row.get('key')!r} (row {index})", row, None
 
 
 @click.command()
-@click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.argument("path", required=False)
 @click.option("--format", "token_format", type=_FORMATS, default="hf", show_default=True,
               help="hf: <phrase>/<object>/<patch_index_NNNN> (released checkpoints); paper: <p>/<box>/<locN>.")
 @click.option("--mode", type=_MODES, default="expression", show_default=True,
@@ -158,8 +158,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str 
 @click.option("--grid", default=32, show_default=True, type=click.IntRange(1, 100), help="Bins per side (P).")
 @click.option("--sanitize", type=click.Choice(["escape", "drop"]), default="escape", show_default=True,
               help="Captions with control strings: escape '<' '>' (same length) or drop the record.")
-def serialize(path: Path | None, token_format: str, mode: str, grid: int, sanitize: str) -> None:
-    """Print Kosmos-2 grounded text for GRIT-20M rows: a parquet PATH, or JSON lines on stdin.
+def serialize(path: str | None, token_format: str, mode: str, grid: int, sanitize: str) -> None:
+    """Print Kosmos-2 grounded text for GRIT-20M rows: a parquet PATH (or URL: s3://, gs://...), or JSON lines
+    on stdin.
 
     One JSON line per row: {"key", "text": "<grounding>..."}. Malformed or dropped rows are reported on
     stderr with their key and reason and skipped; exit 1 when no row is usable or PATH cannot be read.
@@ -202,19 +203,26 @@ def serialize(path: Path | None, token_format: str, mode: str, grid: int, saniti
         raise click.ClickException(f"none of the {seen} row(s) {source} is a GRIT-20M row")
 
 
-def _open_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+def _open_parquet(path: str) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     import pyarrow as pa
 
-    if path.is_dir():
+    from grit_pipeline.storage import StorageError, describe_storage_error, is_url, open_location
+
+    if not is_url(path) and Path(path).is_dir():
         raise click.ClickException(f"cannot read {path}: a folder, not a GRIT-20M parquet file")
-    if not path.is_file():
+    if not is_url(path) and not Path(path).is_file():
         raise click.ClickException(f"cannot read {path}: no such file")
     try:
         import pyarrow.parquet as pq
 
-        pq.ParquetFile(str(path))
+        with open_location(path) as handle:
+            pq.ParquetFile(handle)
     except (pa.ArrowException, OSError) as exc:
         raise click.ClickException(f"cannot read {path} as parquet: {exc}") from exc
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except Exception as exc:  # an object store's own errors: endpoint, credentials, bucket
+        raise click.ClickException(describe_storage_error(path, exc)) from exc
     return _parquet_rows(path)
 
 
