@@ -222,7 +222,10 @@ class StageWorker:
             yield part
             return
         yield part_done(part)
-        outcome = ray.get(self._assembler(index).add.remote(part))
+        try:
+            outcome = ray.get(self._assembler(index).add.remote(part))
+        except ray.exceptions.RayActorError as exc:  # its node was lost: the shard fails alone, a rerun redoes it
+            outcome = ShardOutcome(index, error=f"the shard's writer was lost with its node: {error_message(exc)}")
         if outcome is not None:
             yield outcome
 
