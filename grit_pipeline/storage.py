@@ -19,7 +19,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -187,7 +188,7 @@ class Folder:
         os.close(fd)
         try:
             yield tmp
-            self.fs.put_file(tmp, self.path(name))
+            retrying(lambda: self.fs.put_file(tmp, self.path(name)))
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -198,7 +199,7 @@ class Folder:
             with self.staged(name) as tmp, open(tmp, "wb") as handle:
                 handle.write(data)
         else:
-            self.fs.pipe_file(self.path(name), data)
+            retrying(lambda: self.fs.pipe_file(self.path(name), data))
 
     def write_json(self, name: str, obj: Any) -> None:
         """Write `obj` as indented, key-sorted JSON to `name` atomically."""
@@ -247,6 +248,29 @@ class Folder:
             raise
         except Exception as exc:
             raise StorageError(describe_storage_error(self.url, exc)) from exc
+
+
+COMMIT_ATTEMPTS = 3
+_RETRY_SECONDS = 0.5  # doubled after each failed attempt
+
+
+def retrying(commit: Callable[[], Any]) -> Any:
+    """Run an object-store commit (an upload), again after a failure, COMMIT_ATTEMPTS times in all.
+
+    On top of botocore's and s3fs's own retries of a request: a whole upload that failed (a connection
+    reset mid-multipart, a throttled burst) is started over. What retrying cannot fix (a missing bucket or
+    object, no permission) is raised at once.
+    """
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            return commit()
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except Exception:
+            if attempt == COMMIT_ATTEMPTS:
+                raise
+            time.sleep(_RETRY_SECONDS * 2 ** (attempt - 1))
+    return None
 
 
 def as_folder(folder: Folder | str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Folder:
