@@ -106,6 +106,29 @@ def test_a_multi_node_cluster_builds_s3_to_s3_like_the_local_runner(s3, s3_input
     assert "[grit build]" in done.stderr and "8/8 complete" in done.stderr
 
 
+def test_the_gpu_layout_runs_a_tiny_detector_on_logical_gpus_and_its_workers_write(s3, s3_inputs, cluster,
+                                                                                   tmp_path) -> None:
+    """GroundingDINO (a tiny random one) in the Ray Data layout's GPU actor pool, on the logical GPUs of the
+    worker nodes; the shards are written on both nodes, never by the driver, and pass the audit."""
+    from grit_pipeline.fixtures.detector import build_tiny_grounding_dino
+
+    detector = build_tiny_grounding_dino(tmp_path / "detector")
+    out = f"s3://{BUCKET}/out-tiny-detector"
+    env = {**s3[1], **cluster.environment()}
+    command = [GRIT, "build", s3_inputs, "--out", out, "--runner", "ray", "--ray-engine", "data",
+               "--gpus-per-grounder", "1", "--grounder", "grounding-dino", "--detector", str(detector),
+               "--box-threshold", "0.2", "--samples-per-shard", SAMPLES_PER_SHARD]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = _manifest(s3, out)
+    assert manifest["totals"]["shards_complete"] == 8 and manifest["totals"]["kept"] > 0
+    assert manifest["models"]["grounder"]["detector"] == str(detector)
+    nodes = {entry["written_by"]["node"] for entry in manifest["shards"]}
+    assert nodes == set(cluster.worker_node_ids())
+    audited = _grit(["audit", out, "--no-decode"], env)
+    assert audited.returncode == 0, audited.stdout[-2000:]
+
+
 def test_a_node_lost_mid_build_loses_no_shard(s3, s3_inputs, reference) -> None:
     """A worker node is killed while shards are in flight (one sample per shard here, so that the loss lands
     mid-build): its shards go to the surviving node's worker and the build completes, every shard whole."""
