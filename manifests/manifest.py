@@ -168,7 +168,23 @@ def write_manifest(out: Folder | str | Path, manifest: Mapping[str, Any]) -> Non
     """Write shards/sizes.json (where open_clip looks: next to the tars) then manifest.json, each atomically."""
     folder = out if isinstance(out, Folder) else Folder(out)
     folder.write_json(f"{SHARDS_DIR}/{SIZES_FILE}", sizes_json(manifest))
-    folder.write_json(MANIFEST_FILE, manifest)
+    folder.write_bytes(MANIFEST_FILE, manifest_text(manifest).encode())
+
+
+_SHARDS_PLACEHOLDER = "\u0000shards\u0000"
+
+
+def manifest_text(manifest: Mapping[str, Any]) -> str:
+    """The manifest as indented, key-sorted JSON with one line per shard entry.
+
+    Indented JSON goes through Python's pure-Python encoder (2.9 s and ~42 MB for 2,000 shards); each entry
+    on its own compact line goes through the C encoder, and a build of 10,000 shards stays readable line by
+    line and diffable.
+    """
+    head = json.dumps({**manifest, "shards": _SHARDS_PLACEHOLDER}, indent=2, sort_keys=True, ensure_ascii=False)
+    lines = ",\n".join("    " + json.dumps(entry, sort_keys=True, ensure_ascii=False) for entry in manifest["shards"])
+    shards = f"[\n{lines}\n  ]" if lines else "[]"
+    return head.replace(json.dumps(_SHARDS_PLACEHOLDER), shards, 1) + "\n"
 
 
 def load_manifest(path: Folder | str | Path, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ _BENCHES = {
     "serialize": ("grit_pipeline.commands.text:bench_serialize", "Location-token serialiser, records/s."),
     "detector": ("grit_pipeline.commands.ground:bench_detector", "Grounding stage vs a raw model forward."),
     "shards": ("grit_pipeline.commands.build:bench_shards", "Shard writer MB/s vs raw tarfile."),
-    "pipeline": ("grit_pipeline.commands.build:bench_pipeline", "End-to-end samples/s vs the slowest stage."),
+    "pipeline": ("grit_pipeline.commands.build:bench_pipeline", "End-to-end samples/s vs the slowest stage and the CPU limit; --s3."),
     "clip": ("grit_pipeline.commands.bench:bench_clip", "CLIP stage vs the bare model forward (tiny CLIP, CPU)."),
     "loader": ("grit_pipeline.commands.train:bench_loader", "Trainer loader vs a plain webdataset decode loop."),
     "cluster": ("grit_pipeline.commands.bench:bench_cluster",
