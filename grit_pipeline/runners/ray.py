@@ -1,16 +1,17 @@
-"""The Ray runner: the stage list it is given, in Ray actors; whole shards read, processed and written by the
-workers.
+"""The Ray runner: the stage list it is given, in Ray workers that read their shards and write them.
 
 `ray.init()` starts an embedded local cluster unless `--ray-address` (or RAY_ADDRESS) names one to attach
 to. The pools come from the stages' declared resources, never from their names (`stage_pools`): consecutive
 stages that declare the same resources share a pool. When no stage asks for a GPU, every stage (reading
-included) runs in one pool of plain Ray actors, one per core, each taking whole shards (`run_actor_pool`);
-otherwise a Ray Data pipeline chains the pools (`run_dataset`): the first reads its shards itself, a pool
-with a fixed number of workers (the grounder) gets exactly that many actors, the rest run as tasks. Either way models load once per
-worker, and the worker that finishes a shard writes it to OUT (local or object storage): the driver plans
-shards, schedules them and collects each shard's stats for the manifest, and no image byte passes through it.
-A dead actor (a lost node) is restarted and its work retried by Ray; a shard that still fails is recorded as
-failed and the rest of the run's output stands.
+and writing included) runs in one pool of plain Ray actors, one per core, each taking whole shards
+(`run_actor_pool`). Otherwise a Ray Data pipeline chains the pools over pipeline batches (`run_dataset`):
+the first reads its shards itself, a pool with a fixed number of workers (the grounder) gets exactly that
+many actors, the rest run as tasks, and one `ShardAssembler` per node writes each shard when its last batch
+arrives. Either way models load once per worker and the shards are written to OUT (local or object storage)
+by the workers: the driver plans shards, schedules them and collects each shard's stats for the manifest,
+and no image byte passes through it. A dead worker is restarted and its work retried; the shards of a
+lost actor pool worker go to the others; a shard that still fails is recorded as failed and the rest of the
+run's output stands.
 """
 
 from __future__ import annotations
