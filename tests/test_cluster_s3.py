@@ -248,25 +248,24 @@ def test_storage_mistakes_are_one_line_and_write_nothing(s3, s3_inputs, tmp_path
 
 
 @pytest.mark.slow
-def test_the_gpu_layout_survives_a_lost_node_or_a_rerun_completes_it(s3, s3_inputs) -> None:
-    """The Ray Data layout with a node killed mid-build: Ray restarts the pools' actors elsewhere; the shards
-    whose assembler died with the node are recorded as failed, and the same command completes them."""
+def test_the_gpu_layout_survives_a_lost_node(s3, s3_inputs) -> None:
+    """The Ray Data layout with a node killed mid-build: Ray restarts the pools' actors elsewhere, and the
+    shards whose assembler died with the node go through a fresh pipeline on the surviving node."""
     import s3fs
 
     out = f"s3://{BUCKET}/out-gpu-node-loss"
     fs = s3fs.S3FileSystem(endpoint_url=s3[0].endpoint_url, key="testing", secret="testing", skip_instance_cache=True)
     with local_cluster(worker_nodes=2, cpus_per_node=1, gpus_per_worker=1) as cluster:
         env = {**s3[1], **cluster.environment()}
-        args = ["build", s3_inputs, "--out", out, "--runner", "ray", "--ray-engine", "data", "--gpus-per-grounder", "1"]
-        command = [GRIT, *args, "--grounder", "annotations", "--samples-per-shard", "1"]
+        command = [GRIT, "build", s3_inputs, "--out", out, "--runner", "ray", "--ray-engine", "data",
+                   "--gpus-per-grounder", "1", "--grounder", "annotations", "--samples-per-shard", "1"]
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         done_at_loss = _wait_for_stats(fs, out, wanted=2, process=process)
-        cluster.remove_worker_node(0, graceful=False)
+        lost = cluster.remove_worker_node(0, graceful=False)
         _, stderr = process.communicate(timeout=300)
-        assert done_at_loss < 16, "the build finished before the node was lost: nothing was tested"
-        print(f"after the node loss: exit {process.returncode}; {stderr[-1500:]}")
-        if process.returncode != 0:
-            assert process.returncode == 1 and "failed" in stderr, stderr[-3000:]
-            rerun = _grit(args, env, samples_per_shard="1")
-            assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert _manifest(s3, out)["totals"]["shards_complete"] == 16
+        survivor = cluster.worker_node_ids()[0]
+    assert done_at_loss < 16, "the build finished before the node was lost: nothing was tested"
+    assert process.returncode == 0, stderr[-3000:]
+    manifest = _manifest(s3, out)
+    assert manifest["totals"]["shards_complete"] == 16
+    assert {entry["written_by"]["node"] for entry in manifest["shards"]} <= {lost, survivor}

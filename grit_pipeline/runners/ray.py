@@ -116,6 +116,9 @@ def part_done(part: ShardPart) -> PartDone:
     return PartDone(part.header.shard_index, len(part.items), sum(1 for i in part.items if i.alive), drops)
 
 
+LOST_WRITER = "the shard's writer was lost with its node"  # an outcome's error that a fresh pipeline retries
+
+
 class ShardAssembler:
     """Collects the parts of the shards given to it and writes each shard when its last part arrives (the
     Ray Data layout's writer: one per node, so shards are written on every node and none by the driver).
@@ -226,7 +229,7 @@ class StageWorker:
         try:
             outcome = ray.get(self._assembler(index).add.remote(part))
         except ray.exceptions.RayActorError as exc:  # its node was lost: the shard fails alone, a rerun redoes it
-            outcome = ShardOutcome(index, error=f"the shard's writer was lost with its node: {error_message(exc)}")
+            outcome = ShardOutcome(index, error=f"{LOST_WRITER}: {error_message(exc)}")
         if outcome is not None:
             yield outcome
 
@@ -438,21 +441,42 @@ def _is_setup_error(exc: BaseException) -> bool:
 
 def run_dataset(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[tuple[int, InputShard]],
                 writer: ShardWriter, sink: ShardSink) -> None:
-    """The GPU layout on Ray Data; if the dataset fails after its retries, every shard not written fails."""
+    """The GPU layout on Ray Data. Shards the pipeline lost (their assembler died with its node, or the
+    dataset failed after Ray's retries) go through a fresh pipeline again, with assemblers on the nodes
+    still alive, `_SHARD_ATTEMPTS` times in all; what is still lost then is recorded as failed."""
+    pending = list(shards)
+    for attempt in range(1, _SHARD_ATTEMPTS + 1):
+        lost = _run_dataset_once(config, stages, pending, writer, sink)
+        if not lost:
+            return
+        if attempt == _SHARD_ATTEMPTS:
+            for index, message in sorted(lost.items()):
+                sink.fail(index, message)
+            return
+        pending = [(index, shard) for index, shard in pending if index in lost]
+
+
+def _run_dataset_once(config: BuildConfig, stages: Sequence[Stage], shards: Sequence[tuple[int, InputShard]],
+                      writer: ShardWriter, sink: ShardSink) -> dict[int, str]:
+    """One Ray Data pipeline over `shards`; returns the shards it lost (index -> why), recording the rest."""
     done: set[int] = set()
+    lost: dict[int, str] = {}
     try:
         for row in iter_rows(build_dataset(config, stages, shards, start_assemblers(writer))):
             if isinstance(row, PartDone):
                 sink.progress.add_counts(row.samples, row.kept, row.drops)
-                continue
-            done.add(row.shard_index)
-            sink.record(row)
-    except Exception as exc:  # retries exhausted: the unwritten shards fail, the written ones stand
+            elif row.error is not None and row.error.startswith(LOST_WRITER):
+                lost[row.shard_index] = row.error
+            else:
+                done.add(row.shard_index)
+                sink.record(row)
+    except Exception as exc:  # retries exhausted, or a stage that cannot start
         message = error_message(exc)
-        for index, _ in shards:
-            if index not in done:
-                sink.fail(index, message)
-        return
-    for index, _ in shards:
-        if index not in done:
-            sink.fail(index, "the shard never came back from the Ray pipeline (its assembler was lost?)")
+        if _is_setup_error(exc):  # no shard can succeed: record them all, try nothing again
+            for index, _ in shards:
+                if index not in done:
+                    sink.fail(index, message)
+            return {}
+        return {index: message for index, _ in shards if index not in done}
+    never = "the shard never came back from the Ray pipeline"
+    return {index: lost.get(index, never) for index, _ in shards if index not in done}
