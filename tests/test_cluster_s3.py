@@ -269,3 +269,14 @@ def test_the_gpu_layout_survives_a_lost_node(s3, s3_inputs) -> None:
     manifest = _manifest(s3, out)
     assert manifest["totals"]["shards_complete"] == 16
     assert {entry["written_by"]["node"] for entry in manifest["shards"]} <= {lost, survivor}
+
+
+def test_the_pipeline_benchmark_builds_on_s3_too_and_fails_loudly_otherwise() -> None:
+    """`grit bench pipeline --s3`: both builds must succeed for the ratio to mean anything."""
+    from grit_pipeline.benchmarks.build import bench_end_to_end
+
+    before = dict(os.environ)
+    report = bench_end_to_end(40, "local", 10, 8, compare_s3=True)
+    assert report["kept"] > 0 and report["s3_build_seconds"] > 0 and report["s3_vs_local_ratio"] > 0
+    assert report["s3_server_cpu_seconds"] is not None
+    assert dict(os.environ) == before  # the benchmark put the environment back
