@@ -132,21 +132,8 @@ def test_the_gpu_layout_runs_a_tiny_detector_on_logical_gpus_and_its_workers_wri
 def test_a_node_lost_mid_build_loses_no_shard(s3, s3_inputs, reference) -> None:
     """A worker node is killed while shards are in flight (one sample per shard here, so that the loss lands
     mid-build): its shards go to the surviving node's worker and the build completes, every shard whole."""
-    import s3fs
-
     out = f"s3://{BUCKET}/out-node-loss"
-    fs = s3fs.S3FileSystem(endpoint_url=s3[0].endpoint_url, key="testing", secret="testing", skip_instance_cache=True)
-    with local_cluster(worker_nodes=2, cpus_per_node=1) as cluster:
-        env = {**s3[1], **cluster.environment()}
-        command = [GRIT, "build", s3_inputs, "--out", out, "--runner", "ray", "--ray-engine", "actors",
-                   "--grounder", "annotations", "--samples-per-shard", "1"]
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        done_at_loss = _wait_for_stats(fs, out, wanted=2, process=process)
-        lost = cluster.remove_worker_node(0, graceful=False)
-        _, stderr = process.communicate(timeout=240)
-        survivor = cluster.worker_node_ids()[0]
-    assert done_at_loss < 16, "the build finished before the node was lost: nothing was tested"
-    assert process.returncode == 0, stderr
+    lost, survivor = _lose_a_node_mid_build(s3, s3_inputs, out, ["--ray-engine", "actors"], gpus_per_worker=0)
     manifest = _manifest(s3, out)
     assert manifest["totals"]["shards_complete"] == 16 and manifest["totals"]["kept"] == 16
     writers = {entry["written_by"]["node"] for entry in manifest["shards"]}
@@ -251,14 +238,24 @@ def test_storage_mistakes_are_one_line_and_write_nothing(s3, s3_inputs, tmp_path
 def test_the_gpu_layout_survives_a_lost_node(s3, s3_inputs) -> None:
     """The Ray Data layout with a node killed mid-build: Ray restarts the pools' actors elsewhere, and the
     shards whose assembler died with the node go through a fresh pipeline on the surviving node."""
+    out = f"s3://{BUCKET}/out-gpu-node-loss"
+    lost, survivor = _lose_a_node_mid_build(s3, s3_inputs, out, ["--ray-engine", "data", "--gpus-per-grounder", "1"],
+                                            gpus_per_worker=1)
+    manifest = _manifest(s3, out)
+    assert manifest["totals"]["shards_complete"] == 16
+    assert {entry["written_by"]["node"] for entry in manifest["shards"]} <= {lost, survivor}
+
+
+def _lose_a_node_mid_build(s3, s3_inputs: str, out: str, layout: list[str], gpus_per_worker: int) -> tuple[str, str]:
+    """Build one sample per shard on a head and two worker nodes, kill a worker node once two shards are
+    written, and require the build to succeed anyway; returns the lost and the surviving node's ids."""
     import s3fs
 
-    out = f"s3://{BUCKET}/out-gpu-node-loss"
     fs = s3fs.S3FileSystem(endpoint_url=s3[0].endpoint_url, key="testing", secret="testing", skip_instance_cache=True)
-    with local_cluster(worker_nodes=2, cpus_per_node=1, gpus_per_worker=1) as cluster:
+    with local_cluster(worker_nodes=2, cpus_per_node=1, gpus_per_worker=gpus_per_worker) as cluster:
         env = {**s3[1], **cluster.environment()}
-        command = [GRIT, "build", s3_inputs, "--out", out, "--runner", "ray", "--ray-engine", "data",
-                   "--gpus-per-grounder", "1", "--grounder", "annotations", "--samples-per-shard", "1"]
+        command = [GRIT, "build", s3_inputs, "--out", out, "--runner", "ray", *layout, "--grounder", "annotations",
+                   "--samples-per-shard", "1"]
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         done_at_loss = _wait_for_stats(fs, out, wanted=2, process=process)
         lost = cluster.remove_worker_node(0, graceful=False)
@@ -266,9 +263,7 @@ def test_the_gpu_layout_survives_a_lost_node(s3, s3_inputs) -> None:
         survivor = cluster.worker_node_ids()[0]
     assert done_at_loss < 16, "the build finished before the node was lost: nothing was tested"
     assert process.returncode == 0, stderr[-3000:]
-    manifest = _manifest(s3, out)
-    assert manifest["totals"]["shards_complete"] == 16
-    assert {entry["written_by"]["node"] for entry in manifest["shards"]} <= {lost, survivor}
+    return lost, survivor
 
 
 def test_the_pipeline_benchmark_builds_on_s3_too_and_fails_loudly_otherwise() -> None:
