@@ -53,12 +53,13 @@ class BuildResult:
         return not self.manifest["failed_shards"]
 
 
-def prepare_output(config: BuildConfig, overwrite: bool, write: bool = True) -> None:
+def prepare_output(config: BuildConfig, overwrite: bool, write: bool = True) -> bool:
     """Refuse an OUT holding another build unless `overwrite`; with it, remove the old build's files.
 
     A build in OUT that finished no shard (it stopped before any: a model that could not load, say) holds
     nothing to lose and is replaced as with `overwrite`, so the build that follows the fix is not refused.
-    With `write=False` only the refusal is checked, and nothing is created or changed.
+    With `write=False` only the refusal is checked, and nothing is created or changed. Returns True when
+    the old build is (to be) replaced rather than resumed.
     """
     out = output_folder(config)
     if out.local and os.path.exists(out.root) and not os.path.isdir(out.root):
@@ -78,7 +79,7 @@ def prepare_output(config: BuildConfig, overwrite: bool, write: bool = True) -> 
     elif (set(top) - {LOCK_FILE} or shard_files or _has_subfolders(out)) and not overwrite:
         raise OutputInUseError(f"{out.url} is not empty and holds no grit build; pass --overwrite or choose another --out")
     if not write:
-        return
+        return overwrite
     if overwrite:
         for name in (CONFIG_FILE, MANIFEST_FILE):
             if name in top:
@@ -88,6 +89,7 @@ def prepare_output(config: BuildConfig, overwrite: bool, write: bool = True) -> 
                 out.remove(f"{SHARDS_DIR}/{name}")
     out.makedirs()
     out.write_json(CONFIG_FILE, {"config": config.to_dict(), "fingerprint": config.fingerprint()})
+    return overwrite
 
 
 def _has_subfolders(out: Folder) -> bool:
@@ -164,9 +166,9 @@ def run_build(config: BuildConfig, overwrite: bool = False, stream: TextIO = sys
     out = output_folder(config)
     out.check_access(write=True)
     try:
-        prepare_output(config, overwrite, write=False)
-        if not overwrite:
-            refuse_changed_inputs(out, inputs)
+        replaced = prepare_output(config, overwrite, write=False)
+        previous = {} if replaced else _previous_manifest(out)
+        refuse_changed_inputs(out, previous, inputs)
     except OutputInUseError:
         raise
     except Exception as exc:
@@ -174,20 +176,18 @@ def run_build(config: BuildConfig, overwrite: bool = False, stream: TextIO = sys
     created = out.local and not os.path.exists(out.root)
     with output_lock(out):
         try:
-            return _run_build(config, overwrite, stream, shards, inputs, started)
+            return _run_build(config, replaced, stream, shards, inputs, previous, started)
         except BaseException:
             if created and not any(name[:1].isdigit() for name in out.files(SHARDS_DIR)):
                 shutil.rmtree(out.root, ignore_errors=True)  # there was no OUT, and no shard was written into it
             raise
 
 
-def refuse_changed_inputs(out: Folder, inputs: list[dict[str, Any]]) -> None:
-    """Refuse to resume a build whose inputs changed since its manifest was written (a file rewritten under
-    the same name, added or removed): its finished shards would no longer match the inputs."""
-    if not out.exists(MANIFEST_FILE):
-        return
-    previous = _previous_manifest(out).get("inputs") or []
-    before = {entry.get("input"): entry.get("digest") for entry in previous if isinstance(entry, dict)}
+def refuse_changed_inputs(out: Folder, previous: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+    """Refuse to resume a build whose inputs changed since its manifest (`previous`) was written (a file
+    rewritten under the same name, added or removed): its finished shards would no longer match the inputs."""
+    recorded = previous.get("inputs") or []
+    before = {entry.get("input"): entry.get("digest") for entry in recorded if isinstance(entry, dict)}
     for entry in inputs:
         digest = before.get(entry["input"])
         if digest is not None and digest != entry["digest"]:
@@ -197,13 +197,13 @@ def refuse_changed_inputs(out: Folder, inputs: list[dict[str, Any]]) -> None:
 
 
 def _run_build(config: BuildConfig, overwrite: bool, stream: TextIO, shards: list[InputShard],
-               inputs: list[dict[str, Any]], started: float) -> BuildResult:
-    prepare_output(config, overwrite)
+               inputs: list[dict[str, Any]], previous: dict[str, Any], started: float) -> BuildResult:
+    if prepare_output(config, overwrite):  # rechecked under the lock: the old build is gone
+        previous = {}
     out = output_folder(config)
     folder = out.child(SHARDS_DIR)
     folder.makedirs()
     folder.remove_stale_temporaries()
-    previous = _previous_manifest(out)
     done_before = completed_shards(folder, len(shards), previous)
     pending = [(i, s) for i, s in enumerate(shards) if i not in done_before]
     progress = Progress(total_shards=len(shards), interval=config.progress_interval, stream=stream)

@@ -21,7 +21,7 @@ from grit_pipeline.manifests.findings import AuditReport, Check, Finding
 from grit_pipeline.manifests.manifest import SHARDS_DIR, ManifestError, load_manifest, load_sizes
 from grit_pipeline.manifests.sample_checks import AuditOptions, audit_sample, iter_tar_samples
 from grit_pipeline.stages.serialize import SerializeConfig
-from grit_pipeline.storage import Folder
+from grit_pipeline.storage import Folder, as_folder
 
 __all__ = [
     "AuditOptions",
@@ -59,7 +59,7 @@ def audit_build(
 
     `check_image_size`: compare each image's size with the .json's stored_width/stored_height (None: yes).
     """
-    out = out_dir if isinstance(out_dir, Folder) else Folder(out_dir, storage_options)
+    out = as_folder(out_dir, storage_options)
     report = AuditReport(out_dir=out.url)
     try:
         manifest = load_manifest(out)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from grit_pipeline.storage import Folder, StorageError, describe_storage_error
+from grit_pipeline.storage import Folder, StorageError, as_folder, describe_storage_error
 
 SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.json"
@@ -166,7 +166,7 @@ def shard_urls_pattern(manifest: Mapping[str, Any]) -> str | None:
 
 def write_manifest(out: Folder | str | Path, manifest: Mapping[str, Any]) -> None:
     """Write shards/sizes.json (where open_clip looks: next to the tars) then manifest.json, each atomically."""
-    folder = out if isinstance(out, Folder) else Folder(out)
+    folder = as_folder(out)
     folder.write_json(f"{SHARDS_DIR}/{SIZES_FILE}", sizes_json(manifest))
     folder.write_bytes(MANIFEST_FILE, manifest_text(manifest).encode())
 
@@ -190,7 +190,7 @@ def manifest_text(manifest: Mapping[str, Any]) -> str:
 def load_manifest(path: Folder | str | Path, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read and check a manifest (OUT or OUT/manifest.json, a path or URL); raises ManifestError when it is
     unusable."""
-    folder = path if isinstance(path, Folder) else Folder(path, storage_options)
+    folder = as_folder(path, storage_options)
     name = MANIFEST_FILE
     if folder.url.endswith("/" + MANIFEST_FILE) or (folder.local and os.path.isfile(folder.root)):
         parent, _, name = folder.url.rpartition("/")
@@ -219,5 +219,5 @@ def load_manifest(path: Folder | str | Path, storage_options: Mapping[str, Any] 
 
 def load_sizes(out: Folder | str | Path) -> dict[str, int]:
     """OUT/shards/sizes.json: tar name -> number of samples."""
-    folder = out if isinstance(out, Folder) else Folder(out)
+    folder = as_folder(out)
     return json.loads(folder.read_bytes(f"{SHARDS_DIR}/{SIZES_FILE}").decode("utf-8"))

@@ -12,7 +12,6 @@ output file, and a member name that is absolute or climbs out with `..` makes it
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,7 +46,7 @@ def discover_shards(inputs: Sequence[str], samples_per_shard: int = 10_000, imag
     shards: list[InputShard] = []
     for raw in inputs:
         folder = Folder(raw, options)
-        if folder.url.endswith(".parquet") and _is_file(folder):
+        if folder.url.endswith(".parquet") and folder.is_file(""):
             shards.extend(grit_parquet_shards(folder.url, samples_per_shard, images_dir, options))
             continue
         files = folder.files()
@@ -64,10 +63,6 @@ def discover_shards(inputs: Sequence[str], samples_per_shard: int = 10_000, imag
     return shards
 
 
-def _is_file(folder: Folder) -> bool:
-    return os.path.isfile(folder.root) if folder.local else bool(folder.fs.isfile(folder.root))
-
-
 def fingerprint_inputs(inputs: Sequence[str], storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Per input: its file count, bytes, and a digest of every file's name, size and version (an object
     store's ETag, a local file's modification time), so a file changed under the same name is noticed
@@ -75,7 +70,7 @@ def fingerprint_inputs(inputs: Sequence[str], storage_options: dict[str, Any] | 
     prints = []
     for raw in inputs:
         folder = Folder(raw, storage_options)
-        if folder.url.endswith(".parquet") and _is_file(folder):
+        if folder.url.endswith(".parquet") and folder.is_file(""):
             parent, name = parent_and_name(folder.url, storage_options)
             files = {name: parent.files().get(name, {})}
         else:

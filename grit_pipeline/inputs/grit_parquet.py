@@ -4,6 +4,7 @@ folder is ever held in memory."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +69,7 @@ def locate_images(images: Folder, rows: list[dict[str, Any]], first_row: int) ->
     (its .parquet, ~1 MB for 10,000 rows) at a time, until every row is found. Memory is one tar's columns
     plus this shard's rows; a row that no tar lists costs a scan of every tar's columns.
     """
-    tars = tar_names(images.files())
+    tars, rows_per_tar = tar_layout(images)
     wanted: dict[str, list[int]] = {}
     for position, row in enumerate(rows):
         for name in ("id", "url"):
@@ -78,7 +79,7 @@ def locate_images(images: Folder, rows: list[dict[str, Any]], first_row: int) ->
     missing = len(rows)
     if not tars or not wanted:
         return found
-    start = min(first_row // max(1, _rows_per_tar(images, tars[0])), len(tars) - 1)
+    start = min(first_row // max(1, rows_per_tar), len(tars) - 1)
     for tar in tars[start:] + tars[:start]:
         for key, meta in _tar_index(images, tar):
             for name in ("id", "url"):
@@ -89,6 +90,14 @@ def locate_images(images: Folder, rows: list[dict[str, Any]], first_row: int) ->
         if missing == 0:
             break
     return found
+
+
+@functools.lru_cache(maxsize=8)
+def tar_layout(images: Folder) -> tuple[list[str], int]:
+    """The images folder's tars and the rows img2dataset put in each (its first tar's), listed once per
+    process: every shard of a parquet input needs them, and the folder does not change during a build."""
+    tars = tar_names(images.files())
+    return tars, _rows_per_tar(images, tars[0]) if tars else 0
 
 
 def _rows_per_tar(images: Folder, tar: str) -> int:

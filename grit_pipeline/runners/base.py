@@ -56,8 +56,7 @@ class Progress:
 
     def add_stats(self, stats: dict[str, Any]) -> None:
         """Count a shard from its stats (what a Ray worker that wrote the shard sends back)."""
-        drops = Counter({str(reason): int(count) for reason, count in stats["drop_reasons"].items()})
-        self._count(stats["count"], stats["kept"], drops)
+        self.add_counts(stats["count"], stats["kept"], stats["drop_reasons"])
 
     def add_counts(self, samples: int, kept: int, drops: dict[str, int]) -> None:
         """Count processed samples given as totals (a part of a shard on the Ray Data pipeline)."""
